@@ -1,0 +1,127 @@
+"""Atomic, verifiable checkpoints on top of Accelerate's save_state/load_state.
+
+Layout: RUN/checkpoints/step_N/ holds Accelerate's state (model in safetensors, optimizer,
+scheduler, scaler, every rank's RNG), trainer_state.json (epoch, position in the epoch, best
+metric), config.yaml, and COMPLETE.json: the size and SHA-256 of every file. A checkpoint is
+written to `.tmp-step_N` and renamed only when complete, so a crash mid-save never leaves a
+directory that looks complete; a truncated or altered file fails the checksum at resume and
+the previous checkpoint is used. Loading goes through Accelerate, which reads safetensors and
+`torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+MARKER = "COMPLETE.json"
+STATE = "trainer_state.json"
+PREFIX = "step_"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len(PREFIX):])
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    """Checkpoint directories (complete or not), newest step first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and _step_of(p) >= 0]
+    return sorted(dirs, key=_step_of, reverse=True)
+
+
+def verify(path: Path) -> Optional[str]:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no completion marker (save was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return "completion marker is unreadable"
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info["size"]:
+            return f"{name} is truncated or resized ({f.stat().st_size} of {info['size']} bytes)"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def find_resumable(root: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """The newest intact checkpoint under root, and the newer ones skipped with their reasons."""
+    skipped = []
+    for path in list_checkpoints(root):
+        reason = verify(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def read_state(path: Path) -> Dict[str, Any]:
+    return json.loads((path / STATE).read_text())
+
+
+def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml: str,
+         keep_last: int) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint directory."""
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_atomic(tmp / STATE, json.dumps(state, indent=1))
+        _write_atomic(tmp / "config.yaml", config_yaml)
+        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+        if final.exists():  # the same step saved again after resuming past a bad checkpoint
+            old = root / f".old-{PREFIX}{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for path in list_checkpoints(root)[keep_last:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in root.glob(f".tmp-{PREFIX}*"):  # from a crash during an earlier save
+        shutil.rmtree(leftover, ignore_errors=True)

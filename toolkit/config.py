@@ -1,0 +1,272 @@
+"""Typed, layered, strict configuration.
+
+    cfg = load_config("configs/digits_lenet.yaml", ["optim.lr=0.05", "train.epochs=3"])
+
+Layers, later wins: dataclass defaults < YAML file < `section.key=value` overrides.
+OmegaConf does the layering and type checking; this module adds range checks, name checks
+against the registries, and turns every failure into one line naming the key.
+
+The hyperparameters a sweep varies are a flat dict (`hparams(cfg)`, `with_flat(cfg, flat)`),
+kept apart from run flags such as paths, precision and logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from toolkit.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # default: the config file's stem
+    dir: Optional[str] = None  # default: runs/<name>/<timestamp>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # on-disk datasets only; digits ships with scikit-learn
+    batch_size: int = 64  # global: split across processes, so results do not depend on world size
+    eval_batch_size: int = 256  # global
+    num_workers: int = 0
+    drop_last: bool = True  # training only; keeps every step's global batch full
+    split_seed: int = 0  # fixed split, independent of run.seed
+    limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
+    augment: str = "none"  # training-batch augmentation: none | crop
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet"
+    num_classes: Optional[int] = None  # default: the dataset's
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class SchedConfig:
+    name: str = "multistep"
+    milestones: List[int] = field(default_factory=list)  # epochs at which lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
+    compile: bool = False
+    channels_last: bool = False
+    deterministic: bool = True
+    resume: str = "none"  # none | auto | path to a checkpoint directory
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_last: int = 2  # complete checkpoints kept on disk
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job after this
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = 20
+    progress: str = "auto"  # auto | rich | plain | none
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# What a sweep may vary. Everything else (paths, precision, logging) is a run flag.
+TUNABLE = ("data.batch_size", "data.augment", "model.", "optim.", "sched.", "loss.", "train.epochs",
+           "train.grad_accum_steps", "train.clip_grad_norm")
+
+PRECISIONS = ("no", "bf16", "fp16")
+PROGRESS = ("auto", "rich", "plain", "none")
+
+
+def _omega_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None)
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    return ConfigError(f"config: {key}: {msg}" if key else f"config: {msg}")
+
+
+def _read_yaml(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: Iterable[str]) -> List[str]:
+    out = []
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if not sep or not key or "." not in key:
+            raise ConfigError(f"override {o!r} must look like section.key=value")
+        out.append(o)
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
+    """YAML file (optional) + `section.key=value` overrides -> validated Config."""
+    base = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        data = _read_yaml(path)
+        data.setdefault("run", {})
+        if isinstance(data["run"], dict):
+            data["run"].setdefault("name", Path(path).stem)
+        layers.append(data)
+    dotlist = _parse_overrides(overrides)
+    try:
+        merged = base
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        if dotlist:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omega_error(e) from None
+    validate(cfg)
+    return cfg
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and name checks that types alone cannot express. One line per failure."""
+    d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
+    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
+    _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+    _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(0 < s.gamma <= 1, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
+    _need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing",
+          f"must be in [0, 1), got {cfg.loss.label_smoothing}")
+    _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    for m in s.milestones:
+        _need(0 < m < t.epochs, "sched.milestones",
+              f"milestone {m} is outside epochs 1..{t.epochs - 1} (train.epochs={t.epochs})")
+    _need(list(s.milestones) == sorted(set(s.milestones)), "sched.milestones",
+          f"must be strictly increasing, got {list(s.milestones)}")
+    _need(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    _need(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
+          f"must be > 0 or null, got {t.clip_grad_norm}")
+    _need(t.precision in PRECISIONS, "train.precision",
+          f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    _need(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
+    _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+          f"must be >= 0, got {t.checkpoint_every_steps}")
+    _need(t.dist_timeout_s >= 1, "train.dist_timeout_s", f"must be >= 1, got {t.dist_timeout_s}")
+    _need(cfg.log.every_n_steps >= 1, "log.every_n_steps", f"must be >= 1, got {cfg.log.every_n_steps}")
+    _need(cfg.log.progress in PROGRESS, "log.progress",
+          f"unknown mode {cfg.log.progress!r}; choose one of: {', '.join(PROGRESS)}")
+    _need(cfg.model.num_classes is None or cfg.model.num_classes >= 2, "model.num_classes",
+          f"must be >= 2 or null, got {cfg.model.num_classes}")
+
+    # Names come from the registries, so a new entry is valid everywhere at once.
+    from toolkit.data import DATASETS
+    from toolkit.data.augment import AUGMENTS
+    from toolkit.losses import LOSSES
+    from toolkit.models import MODELS
+    from toolkit.optim import OPTIMIZERS, SCHEDULERS
+
+    DATASETS.check(d.name, "data.name")
+    AUGMENTS.check(d.augment, "data.augment")
+    MODELS.check(cfg.model.name, "model.name")
+    OPTIMIZERS.check(o.name, "optim.name")
+    SCHEDULERS.check(s.name, "sched.name")
+    LOSSES.check(cfg.loss.name, "loss.name")
+
+
+def check_paths(cfg: Config) -> None:
+    """Path checks, separate from validate() so a sweep can build configs for other machines."""
+    if cfg.train.resume not in ("none", "auto") and not Path(cfg.train.resume).is_dir():
+        raise ConfigError(f"config: train.resume: no such checkpoint directory: {cfg.train.resume}")
+    if cfg.run.dir is not None and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
+        raise ConfigError(f"config: run.dir: {cfg.run.dir} exists and is not a directory")
+    if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"config: data.root: no such directory: {cfg.data.root}")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def to_flat(cfg: Config) -> Dict[str, Any]:
+    """{"optim.lr": 0.05, ...} for every key."""
+    return {f"{sec}.{k}": v for sec, vals in to_dict(cfg).items() for k, v in vals.items()}
+
+
+def hparams(cfg: Config) -> Dict[str, Any]:
+    """The tunable subset of to_flat(): what a sweep passes in and compares."""
+    return {k: v for k, v in to_flat(cfg).items() if k.startswith(TUNABLE)}
+
+
+def with_flat(cfg: Config, flat: Dict[str, Any]) -> Config:
+    """A new validated Config with {"section.key": value} applied (Ray Tune's trial dict)."""
+    nested: Dict[str, Dict[str, Any]] = {}
+    for key, value in flat.items():
+        sec, sep, name = key.partition(".")
+        if not sep:
+            raise ConfigError(f"config: {key}: expected section.key")
+        nested.setdefault(sec, {})[name] = value
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), nested)
+        new = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omega_error(e) from None
+    validate(new)
+    return new

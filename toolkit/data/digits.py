@@ -1,0 +1,63 @@
+"""`digits`: the 1,797 real 8x8 handwritten digits that scikit-learn ships, as 32x32 RGB.
+
+No download: the data is inside the scikit-learn package. The split is stratified and seeded
+with `data.split_seed` (not `run.seed`), so every run and every sweep trial sees the same
+train/val/test images: 70% / 10% / 20% -> 1257 / 180 / 360.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from toolkit.data import DATASETS
+from toolkit.data.base import Splits, TensorImageDataset
+
+IMAGE_SIZE = 32
+
+
+def _to_images(flat: np.ndarray) -> torch.Tensor:
+    """(N, 64) grey levels 0..16 -> (N, 3, 32, 32) uint8 0..255, bilinear upsampling."""
+    x = torch.from_numpy(flat.astype(np.float32)).view(-1, 1, 8, 8) / 16.0
+    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32)
+
+
+def split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.arange(len(labels))
+    train_val, test = train_test_split(idx, test_size=0.2, stratify=labels, random_state=seed)
+    train, val = train_test_split(train_val, test_size=0.125, stratify=labels[train_val],
+                                  random_state=seed)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+@DATASETS.register("digits")
+def digits(root: str | None = None, split_seed: int = 0, limit: int | None = None) -> Splits:
+    raw = load_digits()
+    images = _to_images(raw.data)  # (1797, 3, 32, 32) uint8
+    labels = torch.from_numpy(raw.target.astype(np.int64))
+    parts = split_indices(raw.target, split_seed)
+    if limit is not None:
+        parts = tuple(p[:limit] for p in parts)
+    train_idx = torch.from_numpy(parts[0])
+    # Normalisation statistics from the training split only.
+    train_f = images[train_idx].float() / 255.0
+    mean = train_f.mean(dim=(0, 2, 3))
+    std = train_f.std(dim=(0, 2, 3))
+
+    def make(ix: np.ndarray) -> TensorImageDataset:
+        ix_t = torch.from_numpy(ix)
+        x = (images[ix_t].float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+        return TensorImageDataset(x.contiguous(), labels[ix_t].clone())
+
+    train, val, test = (make(p) for p in parts)
+    return Splits(
+        train=train, val=val, test=test, num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        meta={"image_size": IMAGE_SIZE, "mean": mean.tolist(), "std": std.tolist(),
+              "sizes": {"train": len(train), "val": len(val), "test": len(test)}},
+    )

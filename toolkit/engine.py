@@ -1,0 +1,412 @@
+"""The one training loop, on Accelerate: CPU, one GPU, DDP, multi-node and DeepSpeed alike.
+
+    accelerate launch toolkit/train.py --config configs/digits_lenet.yaml
+    summary = fit(load_config("configs/digits_lenet.yaml"))
+
+Precision, distribution and accumulation are Accelerate's business (autocast, backward,
+accumulate, gather_for_metrics), so there is no second code path. `data.batch_size` is the
+global batch, split across processes, so one process and N processes take the same steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
+                              broadcast_object_list, set_seed)
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from toolkit import checkpoint
+from toolkit.config import Config, check_paths, hparams, to_yaml
+from toolkit.data import DATASETS, collate_batch
+from toolkit.data.augment import AUGMENTS
+from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
+from toolkit.faults import Faults
+from toolkit.losses import LOSSES
+from toolkit.models import MODELS
+from toolkit.optim import OPTIMIZERS, SCHEDULERS, param_groups
+from toolkit.tracking import Tracker
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch: seed and epoch alone fix the order, on every rank.
+
+    No global RNG is touched, so a resumed run sees the same order as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass
+class TrainState:
+    """Everything beyond Accelerate's state that a resumed run needs. Saved as JSON."""
+
+    epoch: int = 0  # epoch in progress
+    batch: int = 0  # loader batches of `epoch` already consumed
+    step: int = 0  # optimizer updates so far
+    best_val_acc: float = -1.0
+    best_epoch: int = -1
+    nonfinite_run: int = 0  # consecutive non-finite steps
+    nonfinite_total: int = 0
+    images: int = 0  # training images seen, all ranks
+    train_time_s: float = 0.0
+    epoch_sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+
+
+# ------------------------------------------------------------------------------------------
+# set-up
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("config: train.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
+    return Accelerator(
+        mixed_precision=t.precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with="tensorboard" if cfg.log.tensorboard else None,
+        # The run directory is chosen after start-up (rank 0 picks, all ranks agree); it is set
+        # before init_trackers, which is when TensorBoard reads it.
+        project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+        dynamo_backend="inductor" if t.compile else "no",
+        rng_types=[],  # our sampler is seeded per epoch; nothing to synchronise
+    )
+
+
+def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """run.dir, or runs/<name>/<timestamp> chosen on rank 0 and shared with every rank."""
+    chosen = [cfg.run.dir or str(Path("runs") / cfg.run.name / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    run_dir = Path(chosen[0]).absolute()
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"config: run.dir: cannot write to {run_dir}: {e.strerror}") from None
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int, drop_last: bool,
+                 seed: int, world: int):
+    for key, b in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+        if b % world:
+            raise ConfigError(f"config: {key}: {b} is not divisible by the {world} processes "
+                              "(it is the global batch, split across processes)")
+    if drop_last and len(splits.train) < batch_size:
+        raise ConfigError(f"config: data.batch_size: {batch_size} is larger than the training split "
+                          f"({len(splits.train)} images); lower it or set data.drop_last=false")
+    common = dict(collate_fn=collate_batch, num_workers=num_workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    sampler = EpochSampler(len(splits.train), seed)
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common)
+    return train, val, test, sampler
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, loader,
+                accelerator: Accelerator, state: TrainState, tracker: Tracker, *,
+                clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
+                channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
+                on_step: Callable[[TrainState, torch.Tensor], None]) -> List[float]:
+    """One pass over `loader` (already positioned past `state.batch` batches).
+
+    Returns the epoch's (loss * n, correct, n) summed over all ranks.
+    """
+    model.train()
+    device, world = accelerator.device, accelerator.num_processes
+    # Running sums on the device, (loss * n, correct, n): no host sync per step except the
+    # non-finite check, on which every rank must agree before anyone calls backward.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    if accelerator.is_main_process:  # what an interrupted run had summed, over all ranks
+        sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=device)
+    log_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n since last log
+    t_last = time.perf_counter()
+    images_last = state.images
+    for x, y in loader:
+        if augment is not None:
+            x = augment(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(x)  # (B / world, C)
+                loss = criterion(logits, y)
+            loss = faults.loss(loss, state.step + 1)
+            bad = (~torch.isfinite(loss.detach())).float()
+            if world > 1:
+                bad = accelerator.reduce(bad, reduction="sum")
+            if bad.item() > 0:
+                state.nonfinite_run += 1
+                state.nonfinite_total += 1
+                # Skip this micro-batch's backward; on the window's last micro-batch the
+                # update is skipped too and the window's gradients are dropped.
+                optimizer.zero_grad(set_to_none=True)
+                if accelerator.is_main_process:
+                    tracker.print(f"non-finite loss at step {state.step + 1}: skipped "
+                                  f"({state.nonfinite_run}/{max_nonfinite} in a row)")
+                if state.nonfinite_run >= max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"loss was non-finite for {state.nonfinite_run} steps in a row "
+                        f"(train.max_nonfinite={max_nonfinite}); stopped at step {state.step}, "
+                        "checkpoints left as they were")
+            else:
+                if accelerator.sync_gradients:
+                    state.nonfinite_run = 0
+                accelerator.backward(loss)
+                if clip_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                optimizer.step()  # Accelerate makes this a no-op until the window is complete
+                optimizer.zero_grad(set_to_none=True)
+                n = torch.tensor(y.shape[0], dtype=torch.float64, device=device)
+                d = loss.detach().double() * n
+                sums += torch.stack([d, (logits.detach().argmax(1) == y).sum().double(), n])
+                log_sums += torch.stack([d, n])
+        state.batch += 1
+        state.images += x.shape[0] * world
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        state.step += 1
+        now = time.perf_counter()
+        state.train_time_s += now - t_last
+        ips = (state.images - images_last) / max(now - t_last, 1e-9)
+        t_last, images_last = now, state.images
+        shown_loss = None
+        if state.step % log_every == 0:
+            tot = accelerator.reduce(log_sums.clone(), reduction="sum")
+            shown_loss = (tot[0] / tot[1].clamp(min=1)).item()
+            tracker.log("train", state.step, {"loss": shown_loss, "lr": scheduler.get_last_lr()[0],
+                                              "epoch": state.epoch, "images_per_s": ips})
+            log_sums.zero_()
+        tracker.advance(accelerator.gradient_accumulation_steps, ips, shown_loss)
+        on_step(state, sums)
+        faults.after_step(state.step, accelerator.process_index)
+        t_last = time.perf_counter()  # checkpoint time is not training time
+    return accelerator.reduce(sums, reduction="sum").tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accelerator,
+             num_classes: int, channels_last: bool = False) -> Dict[str, Any]:
+    """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
+    sample counts once. Each rank updates its metrics with the gathered batch (no metric sync)."""
+    model.eval()
+    device = accelerator.device
+    kw = dict(num_classes=num_classes, sync_on_compute=False)
+    top1 = MulticlassAccuracy(top_k=1, average="micro", **kw).to(device)
+    top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **kw).to(device)
+    per_class = MulticlassAccuracy(top_k=1, average="none", **kw).to(device)
+    confusion = MulticlassConfusionMatrix(**kw).to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(x)
+        logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
+        loss_sum += criterion(logits, y).double().sum()
+        count += y.shape[0]
+        for metric in (top1, top5, per_class, confusion):
+            metric.update(logits, y)
+    model.train()
+    return {"acc": top1.compute().item(), "top5": top5.compute().item(),
+            "loss": (loss_sum / max(count, 1)).item(), "num_samples": count,
+            "per_class_acc": per_class.compute().tolist(),
+            "confusion": confusion.compute().cpu().tolist()}
+
+
+# ------------------------------------------------------------------------------------------
+# fit: set-up, resume, epochs, test, summary
+
+
+def _resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tracker) -> tuple:
+    """Load the checkpoint `resume` asks for. Returns (TrainState, path or None)."""
+    if resume == "none":
+        return TrainState(), None
+    if resume == "auto":
+        path, skipped = checkpoint.find_resumable(ckpt_root)
+        for bad, reason in skipped:
+            tracker.print(f"skipping checkpoint {bad.name}: {reason}")
+        accelerator.wait_for_everyone()  # every rank has looked before the bad ones move aside
+        if accelerator.is_main_process:
+            for bad, _ in skipped:  # kept for inspection, out of the way of pruning and resume
+                target = bad.with_name(bad.name + ".bad")
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(bad, target)
+        if path is None:
+            tracker.print(f"train.resume=auto: no complete checkpoint in {ckpt_root}; starting fresh")
+            return TrainState(), None
+    else:
+        path = Path(resume)
+        reason = checkpoint.verify(path)
+        if reason is not None:
+            raise ConfigError(f"config: train.resume: {path} is not a usable checkpoint: {reason}")
+    try:
+        accelerator.load_state(str(path))
+        state = TrainState(**checkpoint.read_state(path))
+    except Exception as e:  # a verified checkpoint that does not fit this model/optimizer
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToolkitError(f"cannot resume from {path}: {msg}") from None
+    tracker.print(f"resumed from {path} (epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
+    return state, path
+
+
+def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Train, validate every epoch, test at the end. Returns (and writes) the summary."""
+    t_start = time.perf_counter()
+    check_paths(cfg)
+    accelerator = make_accelerator(cfg)
+    run_dir = resolve_run_dir(cfg, accelerator)
+    tracker = Tracker(accelerator, run_dir, cfg.log.progress)
+    t, d = cfg.train, cfg.data
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(cfg.run.seed, deterministic=t.deterministic)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit)
+    num_classes = cfg.model.num_classes or splits.num_classes
+    model = MODELS.build(cfg.model.name, num_classes=num_classes)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_kw = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k != "name"}
+    criterion = LOSSES.build(cfg.loss.name, **loss_kw)
+    eval_criterion = LOSSES.build(cfg.loss.name, **loss_kw, reduction="none")
+    optim_kw = {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k not in ("name",)}
+    optimizer = OPTIMIZERS.build(cfg.optim.name, params=param_groups(model, cfg.optim.weight_decay),
+                                 **optim_kw)
+    train_dl, val_dl, test_dl, sampler = make_loaders(
+        splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, cfg.run.seed,
+        accelerator.num_processes)
+    model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
+        model, optimizer, train_dl, val_dl, test_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
+    scheduler = SCHEDULERS.build(cfg.sched.name, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
+                                 milestones=list(cfg.sched.milestones), gamma=cfg.sched.gamma,
+                                 epochs=t.epochs)
+    scheduler = accelerator.prepare(scheduler)
+
+    config_yaml = to_yaml(cfg)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    ckpt_root = run_dir / "checkpoints"
+    state, resumed_from = _resume(accelerator, t.resume, ckpt_root, tracker)
+    tracker.truncate_after(state.step)
+    if cfg.log.tensorboard:
+        accelerator.project_configuration.project_dir = str(run_dir)
+        accelerator.project_configuration.logging_dir = str(run_dir)
+        accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                for k, v in hparams(cfg).items()})
+    num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters) on {d.name} "
+                  f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
+                  f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+                  f"device {accelerator.device}, precision {t.precision}")
+
+    def save(st: TrainState) -> Path:
+        return checkpoint.save(accelerator, ckpt_root, st.step, dataclasses.asdict(st), config_yaml,
+                               t.keep_last)
+
+    def on_step(st: TrainState, sums: torch.Tensor) -> None:
+        every = t.checkpoint_every_steps
+        if every and st.step % every == 0 and st.batch < len(train_dl):
+            st.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            save(st)
+
+    faults = Faults.from_env()
+    augment = AUGMENTS.build(d.augment)
+    for epoch in range(state.epoch, t.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch)
+        train_dl.set_epoch(epoch)
+        loader = train_dl
+        if state.batch > 0:
+            loader = accelerator.skip_first_batches(train_dl, state.batch)
+            loader.set_epoch(epoch)
+        tracker.start_epoch(epoch, t.epochs, steps_per_epoch * t.grad_accum_steps, state.batch)
+        loss_n, correct, n = train_epoch(
+            model, criterion, optimizer, scheduler, loader, accelerator, state, tracker,
+            clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
+            log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
+            augment=augment, on_step=on_step)
+        tracker.end_epoch()
+        val = evaluate(model, eval_criterion, val_dl, accelerator, num_classes, t.channels_last)
+        if val["acc"] > state.best_val_acc:
+            state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
+        row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+               "lr": scheduler.get_last_lr()[0],
+               "images_per_s": state.images / max(state.train_time_s, 1e-9)}
+        tracker.log("epoch", state.step, row)
+        tracker.print(f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} "
+                      f"acc {row['train_acc']:.2%}  val loss {val['loss']:.4f} acc {val['acc']:.2%}  "
+                      f"{row['images_per_s']:,.0f} img/s")
+        state.epoch, state.batch, state.epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        save(state)
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+
+    tracker.close()
+    test = evaluate(model, eval_criterion, test_dl, accelerator, num_classes, t.channels_last)
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
+    summary = {
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch, "epochs": t.epochs, "steps": state.step,
+        "images_per_s": state.images / max(state.train_time_s, 1e-9),
+        "train_time_s": state.train_time_s, "wall_s": time.perf_counter() - t_start,
+        "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+        "precision": t.precision, "num_params": num_params, "nonfinite_steps": state.nonfinite_total,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])),
+        "run_dir": str(run_dir),
+    }
+    tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"]})
+    tracker.write_json("summary.json", summary)
+    if accelerator.is_main_process:
+        rows = [",".join(["true/pred", *splits.class_names])]
+        rows += [",".join([name, *map(str, r)]) for name, r in zip(splits.class_names, test["confusion"])]
+        (run_dir / "confusion_test.csv").write_text("\n".join(rows) + "\n")
+        (run_dir / "data.json").write_text(json.dumps(splits.meta, indent=1) + "\n")
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,57 @@
+"""Fault injection for the test suite: the failures a real run meets, on demand.
+
+Set through environment variables, read once per run; all are off unless set.
+  TOOLKIT_FAULT_KILL_AT_STEP=N[@RANK]    SIGKILL this process right after optimizer step N
+  TOOLKIT_FAULT_RAISE_AT_STEP=N[@RANK]   raise RuntimeError right after optimizer step N
+  TOOLKIT_FAULT_NONFINITE_STEPS=A-B      make the loss NaN for optimizer steps A..B (1-based)
+RANK defaults to every rank. Steps count optimizer updates over the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+def _at(value: Optional[str]) -> Optional[Tuple[int, Optional[int]]]:
+    if not value:
+        return None
+    step, _, rank = value.partition("@")
+    return int(step), (int(rank) if rank else None)
+
+
+def _range(value: Optional[str]) -> Optional[Tuple[int, int]]:
+    if not value:
+        return None
+    a, _, b = value.partition("-")
+    return int(a), int(b or a)
+
+
+@dataclass
+class Faults:
+    kill: Optional[Tuple[int, Optional[int]]] = None
+    raise_: Optional[Tuple[int, Optional[int]]] = None
+    nonfinite: Optional[Tuple[int, int]] = None
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        env = os.environ
+        return cls(kill=_at(env.get("TOOLKIT_FAULT_KILL_AT_STEP")),
+                   raise_=_at(env.get("TOOLKIT_FAULT_RAISE_AT_STEP")),
+                   nonfinite=_range(env.get("TOOLKIT_FAULT_NONFINITE_STEPS")))
+
+    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """`step`: the 1-based optimizer step this micro-batch contributes to."""
+        if self.nonfinite and self.nonfinite[0] <= step <= self.nonfinite[1]:
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.kill and self.kill[0] == step and self.kill[1] in (None, rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.raise_ and self.raise_[0] == step and self.raise_[1] in (None, rank):
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")

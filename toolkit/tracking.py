@@ -1,0 +1,101 @@
+"""What a run tells the user: console (rich progress or plain lines), TensorBoard, metrics.jsonl.
+
+Only the main process writes or prints. Other ranks get a tracker whose methods do nothing,
+so the training loop never branches on rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+def _clean(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (float(v) if isinstance(v, float) else v)
+            for k, v in metrics.items()}
+
+
+class Tracker:
+    def __init__(self, accelerator, run_dir: Path, progress: str = "auto"):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.run_dir = run_dir
+        self.console = Console(stderr=False, highlight=False)
+        if progress == "auto":
+            progress = "rich" if self.console.is_terminal else "plain"
+        self.mode = progress if self.enabled else "none"
+        self._progress: Optional[Progress] = None
+        self._task = None
+        self._t0 = time.perf_counter()
+
+    # --- console -------------------------------------------------------------------------
+    def print(self, msg: str) -> None:
+        if self.mode == "rich":
+            self.console.print(msg)
+        elif self.mode == "plain":
+            print(msg, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        if self.mode != "rich":
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[ips]} img/s  loss {task.fields[loss]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console, transient=False)
+            self._progress.start()
+        self._task = self._progress.add_task(f"epoch {epoch + 1}/{epochs}", total=total,
+                                             completed=done, ips="-", loss="-")
+
+    def advance(self, n: int, images_per_s: float, loss: Optional[float]) -> None:
+        if self.mode == "rich" and self._task is not None:
+            self._progress.update(self._task, advance=n, ips=f"{images_per_s:,.0f}",
+                                  loss="-" if loss is None else f"{loss:.4f}")
+
+    def end_epoch(self) -> None:
+        if self.mode == "rich" and self._task is not None:
+            self._task = None  # the finished bar stays on screen as the epoch's record
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # --- files -----------------------------------------------------------------------------
+    def log(self, kind: str, step: int, metrics: Dict[str, Any]) -> None:
+        """One line in metrics.jsonl and the same scalars in TensorBoard under `kind/`."""
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_clean(metrics)}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {f"{kind}/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if scalars and self.accelerator.trackers:
+            self.accelerator.log(scalars, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
+
+    def write_json(self, name: str, data: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        tmp = self.run_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(self.run_dir / name)
