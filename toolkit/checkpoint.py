@@ -62,15 +62,16 @@ def verify(path: Path) -> Optional[str]:
         return "no completion marker (save was interrupted)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+        expected = [(str(name), int(info["size"]), str(info["sha256"])) for name, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "completion marker is unreadable"
-    for name, info in files.items():
+    for name, size, sha in expected:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != info["size"]:
-            return f"{name} is truncated or resized ({f.stat().st_size} of {info['size']} bytes)"
-        if _sha256(f) != info["sha256"]:
+        if f.stat().st_size != size:
+            return f"{name} is truncated or resized ({f.stat().st_size} of {size} bytes)"
+        if _sha256(f) != sha:
             return f"{name} fails its checksum"
     return None
 

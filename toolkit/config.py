@@ -13,6 +13,7 @@ kept apart from run flags such as paths, precision and logging.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -112,6 +113,7 @@ TUNABLE = ("data.batch_size", "data.augment", "model.", "optim.", "sched.", "los
            "train.grad_accum_steps", "train.clip_grad_norm")
 
 PRECISIONS = ("no", "bf16", "fp16")
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 PROGRESS = ("auto", "rich", "plain", "none")
 
 
@@ -135,6 +137,9 @@ def _read_yaml(path: str) -> Dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    for section, body in data.items():
+        if section in SECTIONS and body is not None and not isinstance(body, dict):
+            raise ConfigError(f"config: {section}: must be a mapping of keys, got {type(body).__name__}")
     return data
 
 
@@ -184,7 +189,7 @@ def validate(cfg: Config) -> None:
     _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
-    _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _need(0 < s.gamma <= 1, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
@@ -193,7 +198,7 @@ def validate(cfg: Config) -> None:
     _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     for m in s.milestones:
         _need(0 < m < t.epochs, "sched.milestones",
-              f"milestone {m} is outside epochs 1..{t.epochs - 1} (train.epochs={t.epochs})")
+              f"milestone {m} must fall inside the run: 0 < milestone < train.epochs ({t.epochs})")
     _need(list(s.milestones) == sorted(set(s.milestones)), "sched.milestones",
           f"must be strictly increasing, got {list(s.milestones)}")
     _need(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")

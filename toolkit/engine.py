@@ -75,6 +75,7 @@ class TrainState:
     images: int = 0  # training images seen, all ranks
     train_time_s: float = 0.0
     epoch_sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+    log_sums: List[float] = field(default_factory=lambda: [0.0, 0.0])  # loss*n, n since the last log
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,6 +87,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config: train.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
     return Accelerator(
+        # Without CUDA, Accelerate forms a gloo group (MULTI_CPU) only when told it is on the CPU;
+        # otherwise torchrun's processes each see world size 1.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=t.precision,
         gradient_accumulation_steps=t.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -144,7 +148,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 accelerator: Accelerator, state: TrainState, tracker: Tracker, *,
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
-                on_step: Callable[[TrainState, torch.Tensor], None]) -> List[float]:
+                on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
     """One pass over `loader` (already positioned past `state.batch` batches).
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
@@ -154,14 +158,15 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
     # Running sums on the device, (loss * n, correct, n): no host sync per step except the
     # non-finite check, on which every rank must agree before anyone calls backward.
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    log_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n since last log
     if accelerator.is_main_process:  # what an interrupted run had summed, over all ranks
         sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=device)
-    log_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n since last log
+        log_sums += torch.tensor(state.log_sums, dtype=torch.float64, device=device)
     t_last = time.perf_counter()
     images_last = state.images
     for x, y in loader:
-        if augment is not None:
-            x = augment(x)
+        if augment is not None:  # this rank's slice of the global batch, augmented as a whole
+            x = augment(x, start=accelerator.process_index * x.shape[0], total=x.shape[0] * world)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
@@ -216,10 +221,12 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                                               "epoch": state.epoch, "images_per_s": ips})
             log_sums.zero_()
         tracker.advance(accelerator.gradient_accumulation_steps, ips, shown_loss)
-        on_step(state, sums)
+        on_step(state, sums, log_sums)
         faults.after_step(state.step, accelerator.process_index)
         t_last = time.perf_counter()  # checkpoint time is not training time
-    return accelerator.reduce(sums, reduction="sum").tolist()
+    both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
+    state.log_sums = both[3:]  # the log window runs on into the next epoch
+    return both[:3]
 
 
 @torch.no_grad()
@@ -346,10 +353,11 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         return checkpoint.save(accelerator, ckpt_root, st.step, dataclasses.asdict(st), config_yaml,
                                t.keep_last)
 
-    def on_step(st: TrainState, sums: torch.Tensor) -> None:
+    def on_step(st: TrainState, sums: torch.Tensor, log_sums: torch.Tensor) -> None:
         every = t.checkpoint_every_steps
         if every and st.step % every == 0 and st.batch < len(train_dl):
-            st.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
+            st.epoch_sums, st.log_sums = both[:3], both[3:]
             save(st)
 
     faults = Faults.from_env()

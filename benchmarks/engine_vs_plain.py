@@ -1,0 +1,121 @@
+"""Engine vs a plain hand-written PyTorch loop: training images/s, side by side in one run.
+
+    python benchmarks/engine_vs_plain.py                      # LeNet and ResNet-18 (CIFAR), CPU
+    python benchmarks/engine_vs_plain.py --models lenet --batches 300 --repeats 5
+
+Both loops train the same model (same init), on the same in-memory 32x32 batches, with the same
+batch size, optimizer and device. The engine side is `toolkit.engine.train_epoch` behind a real
+Accelerator and prepared DataLoader, exactly as `fit` runs it (non-finite check, running sums,
+periodic logging included). The plain side is the loop users write by hand, without a per-step
+`.item()`. Runs alternate (plain, engine, plain, engine, ...) so that drift in the machine's
+speed hits both; the ratio uses the median of each. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
+
+from toolkit.data import TensorImageDataset, collate_batch
+from toolkit.engine import EpochSampler, TrainState, train_epoch
+from toolkit.faults import Faults
+from toolkit.models import MODELS
+from toolkit.tracking import Tracker
+
+
+def dataset(n: int, num_classes: int = 10) -> TensorImageDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorImageDataset(torch.randn(n, 3, 32, 32, generator=g),
+                              torch.randint(0, num_classes, (n,), generator=g))
+
+
+def make_model(name: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MODELS.build(name, num_classes=10).to(device)
+
+
+def plain(name: str, data: TensorImageDataset, batch: int, device: torch.device) -> float:
+    model = make_model(name, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(data, batch_size=batch, sampler=EpochSampler(len(data), 0), drop_last=True,
+                        collate_fn=collate_batch)
+    model.train()
+    n = 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def engine(name: str, data: TensorImageDataset, batch: int, accelerator: Accelerator, run_dir: Path) -> float:
+    model = make_model(name, accelerator.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loader = DataLoader(data, batch_size=batch, sampler=EpochSampler(len(data), 0), drop_last=True,
+                        collate_fn=collate_batch)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    sched = accelerator.prepare(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
+    state = TrainState()
+    tracker = Tracker(accelerator, run_dir, progress="none")
+    t0 = time.perf_counter()
+    train_epoch(model, torch.nn.CrossEntropyLoss(), opt, sched, loader, accelerator, state, tracker,
+                clip_grad_norm=None, max_nonfinite=10, log_every=20, channels_last=False,
+                faults=Faults(), on_step=lambda *_: None)
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return state.images / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="lenet,resnet18_cifar")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=0, help="batches per timed run (0: per-model default)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    device = accelerator.device
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            batches = args.batches or {"lenet": 400}.get(name, 12 if device.type == "cpu" else 400)
+            data = dataset(batches * args.batch)
+            plain(name, data, args.batch, device)  # warm-up both paths
+            engine(name, data, args.batch, accelerator, Path(tmp))
+            runs = {"plain": [], "engine": []}
+            for _ in range(args.repeats):
+                runs["plain"].append(plain(name, data, args.batch, device))
+                runs["engine"].append(engine(name, data, args.batch, accelerator, Path(tmp)))
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            ratio = med["engine"] / med["plain"]
+            results[name] = {"plain_images_per_s": med["plain"], "engine_images_per_s": med["engine"],
+                             "ratio": ratio, "batches": batches, "repeats": args.repeats}
+            print(f"{name:16s} plain {med['plain']:9,.0f} img/s   engine {med['engine']:9,.0f} img/s   "
+                  f"engine/plain {ratio:.3f}   (median of {args.repeats}, {batches} batches each; "
+                  f"spread plain {min(runs['plain']):,.0f}-{max(runs['plain']):,.0f}, "
+                  f"engine {min(runs['engine']):,.0f}-{max(runs['engine']):,.0f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""GPU-only paths: fp16 with the gradient scaler, and DeepSpeed ZeRO. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import DEMO, launch, ok, summary, train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.gpu
+def test_fp16_trains_on_one_gpu(tmp_path):
+    run = tmp_path / "run"
+    ok(train(["--config", DEMO, f"run.dir={run}", "train.precision=fp16"]))
+    s = summary(run)
+    assert s["precision"] == "fp16" and s["test_acc"] >= 0.97
+
+
+@cuda
+@pytest.mark.gpu
+def test_bf16_channels_last_compile_on_one_gpu(tmp_path):
+    run = tmp_path / "run"
+    ok(train(["--config", DEMO, f"run.dir={run}", "train.precision=bf16", "train.channels_last=true",
+              "train.compile=true"], timeout=900))
+    assert summary(run)["test_acc"] >= 0.97
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install -e '.[deepspeed]'")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_one_gpu(tmp_path, stage):
+    run = tmp_path / "run"
+    ok(launch(["--config", DEMO, f"run.dir={run}", "train.epochs=2", "sched.milestones=[]"],
+              config_file=f"launch/deepspeed_zero{stage}.yaml", launch_args=["--num_processes", "1"],
+              timeout=900))
+    s = summary(run)
+    assert s["distributed_type"] == "DEEPSPEED" and s["num_test_samples"] == 360
