@@ -10,7 +10,12 @@ import yaml
 
 from toolkit.config import (Config, check_paths, hparams, load_config, to_flat, to_yaml,
                             validate, with_flat)
+from toolkit.data import DATASETS
+from toolkit.data.augment import AUGMENTS
 from toolkit.errors import ConfigError
+from toolkit.losses import LOSSES
+from toolkit.models import MODELS
+from toolkit.optim import OPTIMIZERS, SCHEDULERS
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -232,12 +237,12 @@ def test_unknown_mode_lists_choices(override, key, choices):
 
 
 @pytest.mark.parametrize("override,key,valid", [
-    ("model.name=vgg", "model.name", ["lenet", "resnet18_cifar"]),
-    ("data.name=imagenet", "data.name", ["digits"]),
-    ("optim.name=adamw", "optim.name", ["sgd"]),
-    ("sched.name=cosine", "sched.name", ["constant", "multistep"]),
-    ("loss.name=mse", "loss.name", ["cross_entropy"]),
-    ("data.augment=flip", "data.augment", ["crop", "none"]),
+    ("model.name=vgg", "model.name", MODELS.names()),
+    ("data.name=imagenet", "data.name", DATASETS.names()),
+    ("optim.name=adamx", "optim.name", OPTIMIZERS.names()),
+    ("sched.name=cosinus", "sched.name", SCHEDULERS.names()),
+    ("loss.name=hinge", "loss.name", LOSSES.names()),
+    ("data.augment=flip", "data.augment", AUGMENTS.names()),
 ])
 def test_unknown_name_lists_valid_choices(override, key, valid):
     msg = config_error(None, [override])

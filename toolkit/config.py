@@ -43,12 +43,15 @@ class DataConfig:
     split_seed: int = 0  # fixed split, independent of run.seed
     limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
     augment: str = "none"  # training-batch augmentation: none | crop
+    label_noise: float = 0.0  # share of training labels replaced by a different class (seeded)
 
 
 @dataclass
 class ModelConfig:
     name: str = "lenet"
     num_classes: Optional[int] = None  # default: the dataset's
+    pretrained: Optional[str] = None  # torchvision weights name (local cache only) or state-dict path
+    freeze: str = "none"  # none | backbone | classifier: frozen parameters are not trained
 
 
 @dataclass
@@ -58,6 +61,10 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    no_decay_norm_bias: bool = False  # no weight decay on biases and norm weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: Optional[float] = None  # null: each optimizer's own default
+    alpha: float = 0.99  # rmsprop smoothing
 
 
 @dataclass
@@ -65,6 +72,10 @@ class SchedConfig:
     name: str = "multistep"
     milestones: List[int] = field(default_factory=list)  # epochs at which lr *= gamma
     gamma: float = 0.1
+    step_size: int = 1  # step: epochs between decays
+    warmup_epochs: float = 0.0  # cosine: linear warmup length
+    min_lr_factor: float = 0.0  # cosine: final lr / base lr
+    pct_start: float = 0.25  # onecycle: share of the run spent rising
 
 
 @dataclass
@@ -109,7 +120,7 @@ class Config:
 
 
 # What a sweep may vary. Everything else (paths, precision, logging) is a run flag.
-TUNABLE = ("data.batch_size", "data.augment", "model.", "optim.", "sched.", "loss.", "train.epochs",
+TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "model.", "optim.", "sched.", "loss.", "train.epochs",
            "train.grad_accum_steps", "train.clip_grad_norm")
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -185,17 +196,27 @@ def _need(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Range and name checks that types alone cannot express. One line per failure."""
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
+    _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")  # other checks use it
     _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+    _need(0 <= d.label_noise <= 1, "data.label_noise", f"must be in [0, 1], got {d.label_noise}")
     _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _need(0 < s.gamma <= 1, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
+    _need(s.step_size >= 1, "sched.step_size", f"must be >= 1, got {s.step_size}")
+    _need(0 <= s.warmup_epochs < t.epochs, "sched.warmup_epochs",
+          f"must be in [0, train.epochs={t.epochs}), got {s.warmup_epochs}")
+    _need(0 <= s.min_lr_factor <= 1, "sched.min_lr_factor", f"must be in [0, 1], got {s.min_lr_factor}")
+    _need(0 < s.pct_start < 1, "sched.pct_start", f"must be in (0, 1), got {s.pct_start}")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+          f"must be two values in [0, 1), got {list(o.betas)}")
+    _need(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
+    _need(0 < o.alpha < 1, "optim.alpha", f"must be in (0, 1), got {o.alpha}")
     _need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing",
           f"must be in [0, 1), got {cfg.loss.label_smoothing}")
-    _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     for m in s.milestones:
         _need(0 < m < t.epochs, "sched.milestones",
               f"milestone {m} must fall inside the run: 0 < milestone < train.epochs ({t.epochs})")
@@ -221,12 +242,14 @@ def validate(cfg: Config) -> None:
     from toolkit.data import DATASETS
     from toolkit.data.augment import AUGMENTS
     from toolkit.losses import LOSSES
-    from toolkit.models import MODELS
+    from toolkit.models import FREEZE_MODES, MODELS
     from toolkit.optim import OPTIMIZERS, SCHEDULERS
 
     DATASETS.check(d.name, "data.name")
     AUGMENTS.check(d.augment, "data.augment")
     MODELS.check(cfg.model.name, "model.name")
+    _need(cfg.model.freeze in FREEZE_MODES, "model.freeze",
+          f"unknown mode {cfg.model.freeze!r}; choose one of: {', '.join(FREEZE_MODES)}")
     OPTIMIZERS.check(o.name, "optim.name")
     SCHEDULERS.check(s.name, "sched.name")
     LOSSES.check(cfg.loss.name, "loss.name")
@@ -238,6 +261,9 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"config: train.resume: no such checkpoint directory: {cfg.train.resume}")
     if cfg.run.dir is not None and Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
         raise ConfigError(f"config: run.dir: {cfg.run.dir} exists and is not a directory")
+    from toolkit.models import check_pretrained
+
+    check_pretrained(cfg.model.name, cfg.model.pretrained)  # weights file present and loadable kind
     if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
         raise ConfigError(f"config: data.root: no such directory: {cfg.data.root}")
 

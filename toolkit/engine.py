@@ -35,10 +35,11 @@ from toolkit import checkpoint
 from toolkit.config import Config, check_paths, hparams, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
+from toolkit.data.noise import flip_labels
 from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
 from toolkit.faults import Faults
 from toolkit.losses import LOSSES
-from toolkit.models import MODELS
+from toolkit.models import MODELS, apply_freeze, set_train_mode
 from toolkit.optim import OPTIMIZERS, SCHEDULERS, param_groups
 from toolkit.tracking import Tracker
 
@@ -177,7 +178,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
     """
-    model.train()
+    set_train_mode(model)  # train mode, but BatchNorm of a frozen backbone stays in eval
     device, world = accelerator.device, accelerator.num_processes
     # Running sums on the device, (loss * n, correct, n): no host sync per step except the
     # non-finite check, on which every rank must agree before anyone calls backward.
@@ -280,7 +281,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
         count += y.shape[0]
         for metric in (top1, top5, per_class, confusion):
             metric.update(logits, y)
-    model.train()
+    set_train_mode(model)
     return {"acc": top1.compute().item(), "top5": top5.compute().item(),
             "loss": (loss_sum / max(count, 1)).item(), "num_samples": count,
             "per_class_acc": per_class.compute().tolist(),
@@ -339,29 +340,43 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
 
     splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit)
     num_classes = cfg.model.num_classes or splits.num_classes
-    model = MODELS.build(cfg.model.name, num_classes=num_classes)
+    noise_record = None
+    if d.label_noise > 0:
+        labels = getattr(splits.train, "labels", None)
+        if not isinstance(labels, torch.Tensor):
+            raise ConfigError(f"config: data.label_noise: dataset {d.name!r} does not expose its labels")
+        noisy, changed = flip_labels(labels, d.label_noise, splits.num_classes, d.split_seed)
+        noise_record = {"rate": d.label_noise, "seed": d.split_seed, "num_changed": len(changed),
+                        "num_train": len(labels), "index": changed.tolist(),
+                        "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
+        splits.train.labels = noisy
+    model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    apply_freeze(model, cfg.model.freeze)  # before the optimizer and DDP see the parameters
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_kw = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k != "name"}
     criterion = LOSSES.build(cfg.loss.name, **loss_kw)
     eval_criterion = LOSSES.build(cfg.loss.name, **loss_kw, reduction="none")
-    optim_kw = {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k not in ("name",)}
-    optimizer = OPTIMIZERS.build(cfg.optim.name, params=param_groups(model, cfg.optim.weight_decay),
-                                 **optim_kw)
+    optim_kw = {k: v for k, v in dataclasses.asdict(cfg.optim).items()
+                if k not in ("name", "no_decay_norm_bias") and v is not None}
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay_norm_bias)
+    optimizer = OPTIMIZERS.build(cfg.optim.name, params=groups, **optim_kw)
     train_dl, val_dl, test_dl, sampler = make_loaders(
         splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, cfg.run.seed,
         accelerator.num_processes)
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
         model, optimizer, train_dl, val_dl, test_dl)
     steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
+    sched_kw = {k: v for k, v in dataclasses.asdict(cfg.sched).items() if k != "name"}
     scheduler = SCHEDULERS.build(cfg.sched.name, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
-                                 milestones=list(cfg.sched.milestones), gamma=cfg.sched.gamma,
-                                 epochs=t.epochs)
+                                 epochs=t.epochs, **sched_kw)
     scheduler = accelerator.prepare(scheduler)
 
     config_yaml = to_yaml(cfg)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(config_yaml)
+        if noise_record is not None:
+            (run_dir / "label_noise.json").write_text(json.dumps(noise_record) + "\n")
     ckpt_root = run_dir / "checkpoints"
     state, resumed_from = _resume(accelerator, t.resume, ckpt_root, tracker)
     tracker.truncate_after(state.step)
@@ -371,7 +386,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                 for k, v in hparams(cfg).items()})
     num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters) on {d.name} "
+    num_trainable = sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
+    tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {num_trainable:,} trained) on {d.name} "
                   f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
                   f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
                   f"device {accelerator.device}, precision {t.precision}")
@@ -431,7 +447,7 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         "images_per_s": state.images / max(state.train_time_s, 1e-9),
         "train_time_s": state.train_time_s, "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-        "precision": t.precision, "num_params": num_params, "nonfinite_steps": state.nonfinite_total,
+        "precision": t.precision, "num_params": num_params, "num_trainable_params": num_trainable, "nonfinite_steps": state.nonfinite_total,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])),
         "run_dir": str(run_dir),

@@ -33,7 +33,7 @@ class Registry:
     def check(self, name: str, key: str | None = None) -> None:
         """Raise a one-line ConfigError listing the valid names when `name` is unknown."""
         if name not in self._entries:
-            where = f"{key}: " if key else ""
+            where = f"config: {key}: " if key else ""
             raise ConfigError(
                 f"{where}unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             )

@@ -1,9 +1,17 @@
-"""Models by name: `MODELS.build(name, num_classes=N)`; `MODELS.names()` lists them."""
+"""Models by name: `MODELS.build(name, num_classes=N, pretrained=SPEC_OR_None)`; `MODELS.names()`
+lists them.
+
+Every model exposes `classifier` (last layer(s), features -> logits) and
+`forward_features(x) -> (B, D)` with `forward(x) == classifier(forward_features(x))`.
+`pretrained`: see toolkit.models.weights; freezing: toolkit.models.freeze.
+"""
 
 from toolkit.registry import Registry
 
 MODELS = Registry("model")
 
-from toolkit.models import lenet, resnet_cifar  # noqa: E402,F401  (register entries)
+from toolkit.models import lenet, resnet_cifar, small_cnns, torchvision_nets  # noqa: F401  (register entries)
+from toolkit.models.freeze import FREEZE_MODES, apply_freeze, set_train_mode
+from toolkit.models.weights import check_pretrained
 
-__all__ = ["MODELS"]
+__all__ = ["FREEZE_MODES", "MODELS", "apply_freeze", "check_pretrained", "set_train_mode"]
