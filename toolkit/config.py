@@ -36,6 +36,7 @@ class RunConfig:
 class DataConfig:
     name: str = "digits"
     root: Optional[str] = None  # on-disk datasets only; digits ships with scikit-learn
+    download: bool = False  # fetch an on-disk dataset into root when missing (needs internet)
     batch_size: int = 64  # global: split across processes, so results do not depend on world size
     eval_batch_size: int = 256  # global
     num_workers: int = 0
@@ -264,7 +265,7 @@ def check_paths(cfg: Config) -> None:
     from toolkit.models import check_pretrained
 
     check_pretrained(cfg.model.name, cfg.model.pretrained)  # weights file present and loadable kind
-    if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+    if cfg.data.root is not None and not Path(cfg.data.root).is_dir() and not cfg.data.download:
         raise ConfigError(f"config: data.root: no such directory: {cfg.data.root}")
 
 

@@ -329,8 +329,6 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     t_start = time.perf_counter()
     check_paths(cfg)
     accelerator = make_accelerator(cfg)
-    run_dir = resolve_run_dir(cfg, accelerator)
-    tracker = Tracker(accelerator, run_dir, cfg.log.progress)
     t, d = cfg.train, cfg.data
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -338,7 +336,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit)
+    splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
+                            download=d.download)
     num_classes = cfg.model.num_classes or splits.num_classes
     noise_record = None
     if d.label_noise > 0:
@@ -350,6 +349,9 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
                         "num_train": len(labels), "index": changed.tolist(),
                         "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
         splits.train.labels = noisy
+    # The run directory appears only once the data has loaded: a bad dataset leaves nothing behind.
+    run_dir = resolve_run_dir(cfg, accelerator)
+    tracker = Tracker(accelerator, run_dir, cfg.log.progress)
     model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
     apply_freeze(model, cfg.model.freeze)  # before the optimizer and DDP see the parameters
     if t.channels_last:

@@ -36,7 +36,7 @@ def split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 @DATASETS.register("digits")
-def digits(root: str | None = None, split_seed: int = 0, limit: int | None = None) -> Splits:
+def digits(root: str | None = None, split_seed: int = 0, limit: int | None = None, **_) -> Splits:
     raw = load_digits()
     images = _to_images(raw.data)  # (1797, 3, 32, 32) uint8
     labels = torch.from_numpy(raw.target.astype(np.int64))
