@@ -58,3 +58,11 @@ def test_missing_pretrained_weights_fail_before_training(tmp_path):
     line = proc.stderr.strip().splitlines()
     assert len(line) == 1 and "not in the local cache" in line[0] and "https://" in line[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_randaugment_and_rotate_flip_run_through_the_cli(tmp_path):
+    for preset in ("randaugment", "rotate_flip"):
+        run = tmp_path / preset
+        ok(train(["--config", DEMO, f"run.dir={run}", f"data.augment={preset}", "data.limit=128",
+                  "train.epochs=1", "sched.milestones=[]", "log.tensorboard=false"]))
+        assert summary(run)["steps"] == 4  # 128 // 32

@@ -37,6 +37,8 @@ class DataConfig:
     name: str = "digits"
     root: Optional[str] = None  # on-disk datasets only; digits ships with scikit-learn
     download: bool = False  # fetch an on-disk dataset into root when missing (needs internet)
+    image_size: Optional[int] = None  # resize on-disk images to this (null: the dataset's default)
+    train_splits: List[str] = field(default_factory=lambda: ["train"])  # folders whose union trains
     batch_size: int = 64  # global: split across processes, so results do not depend on world size
     eval_batch_size: int = 256  # global
     num_workers: int = 0
@@ -203,6 +205,10 @@ def validate(cfg: Config) -> None:
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
     _need(0 <= d.label_noise <= 1, "data.label_noise", f"must be in [0, 1], got {d.label_noise}")
+    _need(d.image_size is None or d.image_size >= 8, "data.image_size",
+          f"must be >= 8 or null, got {d.image_size}")
+    _need(len(d.train_splits) >= 1 and all(d.train_splits), "data.train_splits",
+          f"must name at least one split folder, got {list(d.train_splits)}")
     _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0 and finite, got {o.lr}")
     _need(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -337,7 +337,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
-                            download=d.download)
+                            download=d.download, image_size=d.image_size,
+                            train_splits=list(d.train_splits))
     num_classes = cfg.model.num_classes or splits.num_classes
     noise_record = None
     if d.label_noise > 0:
@@ -406,7 +407,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             save(st)
 
     faults = Faults.from_env()
-    augment = AUGMENTS.build(d.augment)
+    stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
+    augment = AUGMENTS.build(d.augment, **stats)
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         sampler.set_epoch(epoch)
