@@ -26,7 +26,8 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 from toolkit.data import TensorImageDataset, collate_batch
-from toolkit.engine import EpochSampler, TrainState, train_epoch
+from toolkit.data.samplers import EpochSampler
+from toolkit.engine import TrainState, train_epoch
 from toolkit.faults import Faults
 from toolkit.models import MODELS
 from toolkit.tracking import Tracker

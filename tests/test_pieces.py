@@ -13,7 +13,7 @@ from torch import nn
 
 from toolkit.data import DATASETS
 from toolkit.data.augment import AUGMENTS, random_crop
-from toolkit.engine import EpochSampler
+from toolkit.data.samplers import EpochSampler
 from toolkit.errors import ConfigError
 from toolkit.faults import Faults
 from toolkit.models import MODELS

@@ -46,6 +46,8 @@ class DataConfig:
     split_seed: int = 0  # fixed split, independent of run.seed
     limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
     augment: str = "none"  # training-batch augmentation: none | crop
+    sampler: str = "random"  # random | pk (P classes x K images per batch, for triplet losses)
+    pk_k: int = 4  # pk: images per class in a batch; P = batch_size / pk_k
     label_noise: float = 0.0  # share of training labels replaced by a different class (seeded)
 
 
@@ -85,6 +87,9 @@ class SchedConfig:
 class LossConfig:
     name: str = "cross_entropy"
     label_smoothing: float = 0.0
+    margin: float = 0.25  # triplet
+    distance: str = "cosine"  # triplet: cosine | euclidean
+    ce_weight: float = 0.0  # triplet: + ce_weight x cross-entropy on the logits
 
 
 @dataclass
@@ -123,7 +128,7 @@ class Config:
 
 
 # What a sweep may vary. Everything else (paths, precision, logging) is a run flag.
-TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "model.", "optim.", "sched.", "loss.", "train.epochs",
+TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.sampler", "data.pk_k", "model.", "optim.", "sched.", "loss.", "train.epochs",
            "train.grad_accum_steps", "train.clip_grad_norm")
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -222,6 +227,15 @@ def validate(cfg: Config) -> None:
           f"must be two values in [0, 1), got {list(o.betas)}")
     _need(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
     _need(0 < o.alpha < 1, "optim.alpha", f"must be in (0, 1), got {o.alpha}")
+    _need(cfg.loss.distance in ("cosine", "euclidean"), "loss.distance",
+          f"unknown distance {cfg.loss.distance!r}; choose one of: cosine, euclidean")
+    _need(cfg.loss.margin >= 0, "loss.margin", f"must be >= 0, got {cfg.loss.margin}")
+    _need(cfg.loss.ce_weight >= 0, "loss.ce_weight", f"must be >= 0, got {cfg.loss.ce_weight}")
+    _need(d.sampler in ("random", "pk"), "data.sampler",
+          f"unknown sampler {d.sampler!r}; choose one of: pk, random")
+    _need(d.pk_k >= 2, "data.pk_k", f"must be >= 2, got {d.pk_k}")
+    _need(d.sampler != "pk" or d.batch_size % d.pk_k == 0, "data.batch_size",
+          f"{d.batch_size} must be a multiple of data.pk_k ({d.pk_k}) for the pk sampler")
     _need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing",
           f"must be in [0, 1), got {cfg.loss.label_smoothing}")
     for m in s.milestones:

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from toolkit import checkpoint
@@ -36,10 +36,12 @@ from toolkit.config import Config, check_paths, hparams, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
 from toolkit.data.noise import flip_labels
+from toolkit.data.samplers import EpochSampler, PKSampler
 from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
 from toolkit.faults import Faults
 from toolkit.losses import LOSSES
 from toolkit.models import MODELS, apply_freeze, set_train_mode
+from toolkit.models.freeze import unwrap
 from toolkit.optim import OPTIMIZERS, SCHEDULERS, param_groups
 from toolkit.tracking import Tracker
 
@@ -66,24 +68,21 @@ def _no_context(*_args) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch: seed and epoch alone fix the order, on every rank.
+class FeatureTap:
+    """Captures the input of the model's `classifier` (the penultimate features) on every
+    forward pass, for losses that need them. A hook inside the forward, so it works through
+    DDP, whose gradient sync only sees calls to the wrapped model itself."""
 
-    No global RNG is touched, so a resumed run sees the same order as an uninterrupted one.
-    """
+    def __init__(self, model: nn.Module):
+        self.features: Optional[torch.Tensor] = None
+        self._handle = unwrap(model).classifier.register_forward_pre_hook(self._hook)
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def _hook(self, _module: nn.Module, args: tuple) -> None:
+        self.features = args[0]  # (B, D)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+def _loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor, tap: Optional[FeatureTap]):
+    return criterion(logits, y) if tap is None else criterion(logits, y, features=tap.features)
 
 
 @dataclass
@@ -147,7 +146,7 @@ def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 
 def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int, drop_last: bool,
-                 seed: int, world: int):
+                 seed: int, world: int, sampler: str = "random", pk_k: int = 4):
     for key, b in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
         if b % world:
             raise ConfigError(f"config: {key}: {b} is not divisible by the {world} processes "
@@ -157,12 +156,22 @@ def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int
                           f"({len(splits.train)} images); lower it or set data.drop_last=false")
     common = dict(collate_fn=collate_batch, num_workers=num_workers,
                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
-    sampler = EpochSampler(len(splits.train), seed)
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    if sampler == "pk":
+        if (batch_size // world) % pk_k:
+            raise ConfigError(f"config: data.batch_size: {batch_size} split over {world} processes must leave "
+                              f"whole classes of data.pk_k={pk_k} images on each")
+        try:
+            order = PKSampler(splits.train.labels, batch_size // pk_k, pk_k, seed)
+        except ValueError as e:
+            raise ConfigError(f"config: data.batch_size: {e}") from None
+        drop_last = True  # the sampler yields whole batches only
+    else:
+        order = EpochSampler(len(splits.train), seed)
+    train = DataLoader(splits.train, batch_size=batch_size, sampler=order, drop_last=drop_last,
                        generator=torch.Generator().manual_seed(seed), **common)
     val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common)
     test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common)
-    return train, val, test, sampler
+    return train, val, test, order
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,7 +182,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 accelerator: Accelerator, state: TrainState, tracker: Tracker, *,
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
-                on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
+                tap: Optional[FeatureTap] = None, on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
     """One pass over `loader` (already positioned past `state.batch` batches).
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
@@ -200,7 +209,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         with accumulate(model):
             with autocast():
                 logits = model(x)  # (B / world, C)
-                loss = criterion(logits, y)
+                loss = _loss(criterion, logits, y, tap)
             loss = faults.loss(loss, state.step + 1)
             bad = (~torch.isfinite(loss.detach())).float()
             if world > 1:
@@ -259,7 +268,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accelerator,
-             num_classes: int, channels_last: bool = False) -> Dict[str, Any]:
+             num_classes: int, channels_last: bool = False, tap: Optional[FeatureTap] = None) -> Dict[str, Any]:
     """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
     sample counts once. Each rank updates its metrics with the gathered batch (no metric sync)."""
     model.eval()
@@ -276,8 +285,12 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model(x)
-        logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
-        loss_sum += criterion(logits, y).double().sum()
+        if tap is None:
+            logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
+            loss_sum += criterion(logits, y).double().sum()
+        else:  # the loss needs the features too: gather them with the logits
+            logits, feats, y = accelerator.gather_for_metrics((logits.float(), tap.features.float(), y))
+            loss_sum += criterion(logits, y, features=feats).double().sum()
         count += y.shape[0]
         for metric in (top1, top5, per_class, confusion):
             metric.update(logits, y)
@@ -366,7 +379,7 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     optimizer = OPTIMIZERS.build(cfg.optim.name, params=groups, **optim_kw)
     train_dl, val_dl, test_dl, sampler = make_loaders(
         splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, cfg.run.seed,
-        accelerator.num_processes)
+        accelerator.num_processes, d.sampler, d.pk_k)
     model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
         model, optimizer, train_dl, val_dl, test_dl)
     steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
@@ -407,6 +420,7 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             save(st)
 
     faults = Faults.from_env()
+    tap = FeatureTap(model) if getattr(criterion, "needs_features", False) else None
     stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
     augment = AUGMENTS.build(d.augment, **stats)
     for epoch in range(state.epoch, t.epochs):
@@ -422,9 +436,9 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             model, criterion, optimizer, scheduler, loader, accelerator, state, tracker,
             clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
-            augment=augment, on_step=on_step)
+            augment=augment, tap=tap, on_step=on_step)
         tracker.end_epoch()
-        val = evaluate(model, eval_criterion, val_dl, accelerator, num_classes, t.channels_last)
+        val = evaluate(model, eval_criterion, val_dl, accelerator, num_classes, t.channels_last, tap)
         if val["acc"] > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
         row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
@@ -441,7 +455,7 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             on_epoch_end(row)
 
     tracker.close()
-    test = evaluate(model, eval_criterion, test_dl, accelerator, num_classes, t.channels_last)
+    test = evaluate(model, eval_criterion, test_dl, accelerator, num_classes, t.channels_last, tap)
     accelerator.wait_for_everyone()
     accelerator.save_model(model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
     summary = {
