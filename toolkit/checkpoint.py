@@ -40,19 +40,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _step_of(path: Path) -> int:
+OLD = f".old-{PREFIX}"  # a replaced checkpoint, for the moment between two renames
+
+
+def step_of(path: Path) -> int:
+    name = path.name[len(OLD):] if path.name.startswith(OLD) else path.name[len(PREFIX):]
     try:
-        return int(path.name[len(PREFIX):])
+        return int(name) if path.name.startswith((PREFIX, OLD)) else -1
     except ValueError:
         return -1
 
 
 def list_checkpoints(root: Path) -> List[Path]:
-    """Checkpoint directories (complete or not), newest step first."""
+    """Checkpoint directories (complete or not), newest step first. A `.old-step_N` left by a
+    crash between the two renames of a re-save stands in for a missing `step_N`."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and _step_of(p) >= 0]
-    return sorted(dirs, key=_step_of, reverse=True)
+    dirs = [p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0]
+    steps = {step_of(p) for p in dirs if p.name.startswith(PREFIX)}
+    dirs = [p for p in dirs if p.name.startswith(PREFIX) or step_of(p) not in steps]
+    return sorted(dirs, key=step_of, reverse=True)
 
 
 def verify(path: Path) -> Optional[str]:
@@ -109,7 +116,7 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
         if final.exists():  # the same step saved again after resuming past a bad checkpoint
-            old = root / f".old-{PREFIX}{step}"
+            old = root / f"{OLD}{step}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
@@ -122,7 +129,10 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last`. Resume moves checkpoints newer than its starting point
+    aside first, so the one just saved is always the newest and is never pruned."""
     for path in list_checkpoints(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
-    for leftover in root.glob(f".tmp-{PREFIX}*"):  # from a crash during an earlier save
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f"{OLD}*")]:  # from earlier crashes
+        if leftover not in list_checkpoints(root):
+            shutil.rmtree(leftover, ignore_errors=True)

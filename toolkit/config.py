@@ -252,7 +252,10 @@ def validate(cfg: Config) -> None:
     _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
           f"must be >= 0, got {t.checkpoint_every_steps}")
-    _need(t.dist_timeout_s >= 1, "train.dist_timeout_s", f"must be >= 1, got {t.dist_timeout_s}")
+    _need(1 <= t.dist_timeout_s <= 7 * 86400, "train.dist_timeout_s",
+          f"must be in [1, 604800] (a week), got {t.dist_timeout_s}")
+    _need(0 <= cfg.run.seed < 2**32, "run.seed", f"must be in [0, 2**32), got {cfg.run.seed}")
+    _need(0 <= d.split_seed < 2**32, "data.split_seed", f"must be in [0, 2**32), got {d.split_seed}")
     _need(cfg.log.every_n_steps >= 1, "log.every_n_steps", f"must be >= 1, got {cfg.log.every_n_steps}")
     _need(cfg.log.progress in PROGRESS, "log.progress",
           f"unknown mode {cfg.log.progress!r}; choose one of: {', '.join(PROGRESS)}")

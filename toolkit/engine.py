@@ -128,11 +128,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """run.dir, or runs/<name>/<timestamp> chosen on rank 0 and shared with every rank."""
+    """run.dir, or runs/<name>/<timestamp> chosen on rank 0 and shared with every rank.
+
+    A fresh run (train.resume=none) refuses a directory that already holds a run's checkpoints
+    or metrics: it would mix two runs' files, and pruning would delete one run's checkpoints."""
     chosen = [cfg.run.dir or str(Path("runs") / cfg.run.name / datetime.now().strftime("%Y%m%d-%H%M%S"))]
     if accelerator.num_processes > 1:
         broadcast_object_list(chosen, from_process=0)
     run_dir = Path(chosen[0]).absolute()
+    if cfg.train.resume == "none" and ((run_dir / "metrics.jsonl").exists() or
+                                        checkpoint.list_checkpoints(run_dir / "checkpoints")):
+        raise ConfigError(f"config: run.dir: {run_dir} already holds a run; continue it with "
+                          "train.resume=auto or choose another run.dir")
     if accelerator.is_main_process:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +158,10 @@ def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int
         if b % world:
             raise ConfigError(f"config: {key}: {b} is not divisible by the {world} processes "
                               "(it is the global batch, split across processes)")
+    if not drop_last and world > 1 and len(splits.train) % batch_size:
+        raise ConfigError(f"config: data.drop_last: false would pad the last training batch with repeated "
+                          f"samples on {world} processes ({len(splits.train)} images, batch {batch_size}); "
+                          "keep it true or pick a batch size that divides the split")
     if drop_last and len(splits.train) < batch_size:
         raise ConfigError(f"config: data.batch_size: {batch_size} is larger than the training split "
                           f"({len(splits.train)} images); lower it or set data.drop_last=false")
@@ -329,12 +340,44 @@ def _resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tra
             raise ConfigError(f"config: train.resume: {path} is not a usable checkpoint: {reason}")
     try:
         accelerator.load_state(str(path))
+        _restore_shared_rng(accelerator, path)
         state = TrainState(**checkpoint.read_state(path))
     except Exception as e:  # a verified checkpoint that does not fit this model/optimizer
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToolkitError(f"cannot resume from {path}: {msg}") from None
+    accelerator.wait_for_everyone()  # every rank has loaded before newer checkpoints move aside
+    if accelerator.is_main_process:  # checkpoints past the resume point belong to another history
+        for newer in checkpoint.list_checkpoints(ckpt_root):
+            if checkpoint.step_of(newer) > state.step and newer.resolve() != path.resolve():
+                target = newer.with_name(newer.name + ".stale")
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(newer, target)
+                tracker.print(f"moved {newer.name} aside to {target.name}: it is newer than the resume point")
     tracker.print(f"resumed from {path} (epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
     return state, path
+
+
+def _restore_shared_rng(accelerator: Accelerator, path: Path) -> None:
+    """Every rank takes rank 0's RNG state and accumulation counter.
+
+    All ranks hold the same RNG state by design (same seed, augmentation drawn for the global
+    batch), so this equals what Accelerate restored when the world size is unchanged, and it
+    stays right when a run resumes on more processes than it was saved with (Accelerate then
+    finds no file for the new ranks and silently leaves their state fresh)."""
+    import random
+
+    import numpy as np
+    from accelerate.utils.other import load as accelerate_load  # weights_only, numpy allowed
+
+    states = accelerate_load(path / "random_states_0.pkl")
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    cuda = states.get("torch_cuda_manual_seed")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0], device=accelerator.device)
+    if "step" in states:
+        accelerator.step = states["step"]
 
 
 def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -349,10 +392,14 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
-                            download=d.download, image_size=d.image_size,
-                            train_splits=list(d.train_splits))
+    with accelerator.main_process_first():  # one rank downloads/extracts; the others then read
+        splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
+                                download=d.download, image_size=d.image_size,
+                                train_splits=list(d.train_splits))
     num_classes = cfg.model.num_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise ConfigError(f"config: model.num_classes: {num_classes} is fewer than the dataset's "
+                          f"{splits.num_classes} classes")
     noise_record = None
     if d.label_noise > 0:
         labels = getattr(splits.train, "labels", None)

@@ -87,8 +87,15 @@ class Tracker:
         path = self.run_dir / "metrics.jsonl"
         if not self.enabled or not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line torn by the crash
+                continue
+            # The test row of a finished run is logged again when that run is resumed.
+            if row.get("step", 0) <= step and row.get("kind") != "test":
+                rows.append(line)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(path)
