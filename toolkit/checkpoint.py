@@ -131,8 +131,10 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
 def _prune(root: Path, keep_last: int) -> None:
     """Keep the newest `keep_last`. Resume moves checkpoints newer than its starting point
     aside first, so the one just saved is always the newest and is never pruned."""
-    for path in list_checkpoints(root)[keep_last:]:
+    checkpoints = list_checkpoints(root)
+    for path in checkpoints[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
+    kept = set(checkpoints[:keep_last])
     for leftover in [*root.glob(f".tmp-{PREFIX}*"), *root.glob(f"{OLD}*")]:  # from earlier crashes
-        if leftover not in list_checkpoints(root):
+        if leftover not in kept:
             shutil.rmtree(leftover, ignore_errors=True)
