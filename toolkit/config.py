@@ -93,8 +93,28 @@ class LossConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (E4: triplet features first, then the classifier).
+
+    The stage's settings are the run's top-level ones with these applied on top; each stage
+    starts with a fresh optimizer and schedule (milestones count from the stage's first epoch)."""
+
+    name: str = ""  # default: stage<index>
+    epochs: int = 1
+    freeze: Optional[str] = None  # null: model.freeze
+    loss: Dict[str, Any] = field(default_factory=dict)  # keys of the loss section
+    optim: Dict[str, Any] = field(default_factory=dict)  # keys of the optim section
+    sched: Dict[str, Any] = field(default_factory=dict)  # keys of the sched section
+    data: Dict[str, Any] = field(default_factory=dict)  # only sampler, pk_k, augment
+
+
+STAGE_DATA_KEYS = ("sampler", "pk_k", "augment")
+
+
+@dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 10  # with stages: the sum of the stages' epochs (set for you)
+    stages: List[StageConfig] = field(default_factory=list)  # empty: one stage, the top-level settings
     grad_accum_steps: int = 1
     clip_grad_norm: Optional[float] = None
     precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
@@ -139,6 +159,9 @@ PROGRESS = ("auto", "rich", "plain", "none")
 def _omega_error(e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None)
     msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if "'StageConfig'" in msg and key and "." not in str(key):
+        fields = ", ".join(f.name for f in dataclasses.fields(StageConfig))
+        return ConfigError(f"config: train.stages: unknown key {key!r} in a stage; a stage sets: {fields}")
     return ConfigError(f"config: {key}: {msg}" if key else f"config: {msg}")
 
 
@@ -192,8 +215,83 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Co
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
+    # train.epochs counts as given when it is set in the layer that sets the stages, or later.
+    explicit = any(o.startswith("train.epochs=") for o in dotlist) or (
+        not any(o.startswith("train.stages=") for o in dotlist)
+        and any(isinstance(layer.get("train"), dict) and "epochs" in layer["train"] for layer in layers))
+    _derive_epochs(cfg, explicit)
     validate(cfg)
     return cfg
+
+
+def _derive_epochs(cfg: Config, explicit: bool) -> None:
+    """With stages, the run lasts the sum of their epochs; a train.epochs given as well must agree."""
+    if not cfg.train.stages:
+        return
+    total = sum(st.epochs for st in cfg.train.stages)
+    if explicit and cfg.train.epochs != total:
+        raise ConfigError(f"config: train.epochs: {cfg.train.epochs} disagrees with train.stages, whose epochs "
+                          f"add up to {total}; leave train.epochs out or make them agree")
+    cfg.train.epochs = total
+
+
+@dataclass
+class Stage:
+    """A resolved stage: global epochs [start, end) and the full settings in force during it."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    cfg: Config  # cfg.train.epochs is the stage's length; cfg.train.stages is empty
+
+
+def _stage_error(e: ConfigError, key: str) -> ConfigError:
+    msg = str(e)
+    for inner, outer in (("train.epochs", "epochs"), ("model.freeze", "freeze")):
+        if msg.startswith(f"config: {inner}:"):
+            msg = f"config: {outer}:" + msg[len(f"config: {inner}:"):]
+    return ConfigError(msg.replace("config: ", f"config: {key}.", 1))
+
+
+def resolve_stages(cfg: Config) -> List[Stage]:
+    """The run's stages, each with its merged and validated settings. Without train.stages:
+    one stage, "main", with the top-level settings."""
+    if not cfg.train.stages:
+        return [Stage(0, "main", 0, cfg.train.epochs, cfg)]
+    base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=[]))
+    out: List[Stage] = []
+    start = 0
+    for i, st in enumerate(cfg.train.stages):
+        key = f"train.stages[{i}]"
+        extra = sorted(set(st.data) - set(STAGE_DATA_KEYS))
+        _need(not extra, f"{key}.data", f"a stage may set only {', '.join(STAGE_DATA_KEYS)}; got {', '.join(extra)}")
+        nested: Dict[str, Any] = {"loss": dict(st.loss), "optim": dict(st.optim), "sched": dict(st.sched),
+                                  "data": dict(st.data), "train": {"epochs": st.epochs}}
+        if st.freeze is not None:
+            nested["model"] = {"freeze": st.freeze}
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(base), nested)
+            stage_cfg = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            raise _stage_error(_omega_error(e), key) from None
+        try:
+            validate(stage_cfg)
+        except ConfigError as e:
+            raise _stage_error(e, key) from None
+        name = st.name or f"stage{i}"
+        _need(name not in {s.name for s in out}, f"{key}.name", f"{name!r} is used by an earlier stage")
+        out.append(Stage(i, name, start, start + st.epochs, stage_cfg))
+        start += st.epochs
+    return out
+
+
+def stage_at(stages: List[Stage], epoch: int) -> Stage:
+    """The stage that global epoch `epoch` belongs to (the last one once the run is over)."""
+    for st in stages:
+        if epoch < st.end:
+            return st
+    return stages[-1]
 
 
 def _need(cond: bool, key: str, msg: str) -> None:
@@ -204,6 +302,8 @@ def _need(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Range and name checks that types alone cannot express. One line per failure."""
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
+    for i, st in enumerate(t.stages):
+        _need(st.epochs >= 1, f"train.stages[{i}].epochs", f"must be >= 1, got {st.epochs}")
     _need(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")  # other checks use it
     _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _need(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {d.eval_batch_size}")
@@ -219,7 +319,7 @@ def validate(cfg: Config) -> None:
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _need(0 < s.gamma <= 1, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
     _need(s.step_size >= 1, "sched.step_size", f"must be >= 1, got {s.step_size}")
-    _need(0 <= s.warmup_epochs < t.epochs, "sched.warmup_epochs",
+    _need(0 <= s.warmup_epochs < t.epochs or bool(t.stages), "sched.warmup_epochs",
           f"must be in [0, train.epochs={t.epochs}), got {s.warmup_epochs}")
     _need(0 <= s.min_lr_factor <= 1, "sched.min_lr_factor", f"must be in [0, 1], got {s.min_lr_factor}")
     _need(0 < s.pct_start < 1, "sched.pct_start", f"must be in (0, 1), got {s.pct_start}")
@@ -238,7 +338,7 @@ def validate(cfg: Config) -> None:
           f"{d.batch_size} must be a multiple of data.pk_k ({d.pk_k}) for the pk sampler")
     _need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing",
           f"must be in [0, 1), got {cfg.loss.label_smoothing}")
-    for m in s.milestones:
+    for m in s.milestones if not t.stages else ():  # with stages, each stage checks its own
         _need(0 < m < t.epochs, "sched.milestones",
               f"milestone {m} must fall inside the run: 0 < milestone < train.epochs ({t.epochs})")
     _need(list(s.milestones) == sorted(set(s.milestones)), "sched.milestones",
@@ -277,6 +377,10 @@ def validate(cfg: Config) -> None:
     OPTIMIZERS.check(o.name, "optim.name")
     SCHEDULERS.check(s.name, "sched.name")
     LOSSES.check(cfg.loss.name, "loss.name")
+    if cfg.train.stages:
+        total = sum(st.epochs for st in cfg.train.stages)
+        _need(t.epochs == total, "train.epochs", f"{t.epochs} disagrees with train.stages, whose epochs add up to {total}")
+        resolve_stages(cfg)
 
 
 def check_paths(cfg: Config) -> None:
@@ -323,5 +427,7 @@ def with_flat(cfg: Config, flat: Dict[str, Any]) -> Config:
         new = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
+    if "train.stages" in flat:
+        _derive_epochs(new, explicit="train.epochs" in flat)
     validate(new)
     return new

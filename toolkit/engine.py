@@ -25,14 +25,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration,
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from toolkit import checkpoint
-from toolkit.config import Config, check_paths, hparams, to_yaml
+from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
 from toolkit.data.noise import flip_labels
@@ -79,6 +79,9 @@ class FeatureTap:
 
     def _hook(self, _module: nn.Module, args: tuple) -> None:
         self.features = args[0]  # (B, D)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor, tap: Optional[FeatureTap]):
@@ -316,10 +319,11 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
 # fit: set-up, resume, epochs, test, summary
 
 
-def _resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tracker) -> tuple:
-    """Load the checkpoint `resume` asks for. Returns (TrainState, path or None)."""
+def _find_resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tracker) -> Optional[Path]:
+    """The checkpoint `train.resume` asks for, verified; None to start fresh. With "auto",
+    incomplete or corrupt checkpoints are skipped and moved aside as `.bad`."""
     if resume == "none":
-        return TrainState(), None
+        return None
     if resume == "auto":
         path, skipped = checkpoint.find_resumable(ckpt_root)
         for bad, reason in skipped:
@@ -332,12 +336,16 @@ def _resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tra
                 os.replace(bad, target)
         if path is None:
             tracker.print(f"train.resume=auto: no complete checkpoint in {ckpt_root}; starting fresh")
-            return TrainState(), None
-    else:
-        path = Path(resume)
-        reason = checkpoint.verify(path)
-        if reason is not None:
-            raise ConfigError(f"config: train.resume: {path} is not a usable checkpoint: {reason}")
+        return path
+    path = Path(resume)
+    reason = checkpoint.verify(path)
+    if reason is not None:
+        raise ConfigError(f"config: train.resume: {path} is not a usable checkpoint: {reason}")
+    return path
+
+
+def _load_resume(accelerator: Accelerator, path: Path, ckpt_root: Path, tracker: Tracker) -> TrainState:
+    """Load a verified checkpoint into the prepared objects; move newer checkpoints aside."""
     try:
         accelerator.load_state(str(path))
         _restore_shared_rng(accelerator, path)
@@ -354,7 +362,48 @@ def _resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker: Tra
                 os.replace(newer, target)
                 tracker.print(f"moved {newer.name} aside to {target.name}: it is newer than the resume point")
     tracker.print(f"resumed from {path} (epoch {state.epoch + 1}, batch {state.batch}, step {state.step})")
-    return state, path
+    return state
+
+
+class _StageRun:
+    """What one stage trains with: freeze mode, loss, optimizer, schedule, loaders, augmentation,
+    all prepared by Accelerate. A new stage is a new _StageRun on the same plain model: what is
+    trainable changes, so DDP must be re-wrapped and the optimizer rebuilt."""
+
+    def __init__(self, accelerator: Accelerator, raw_model: nn.Module, splits, stage: Stage, seed: int,
+                 num_classes: int):
+        c, d, t = stage.cfg, stage.cfg.data, stage.cfg.train
+        self.accelerator = accelerator
+        apply_freeze(raw_model, c.model.freeze)  # before the optimizer and DDP see the parameters
+        self.num_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        loss_kw = {k: v for k, v in dataclasses.asdict(c.loss).items() if k != "name"}
+        self.criterion = LOSSES.build(c.loss.name, **loss_kw)
+        self.eval_criterion = LOSSES.build(c.loss.name, **loss_kw, reduction="none")
+        optim_kw = {k: v for k, v in dataclasses.asdict(c.optim).items()
+                    if k not in ("name", "no_decay_norm_bias") and v is not None}
+        groups = param_groups(raw_model, c.optim.weight_decay, c.optim.no_decay_norm_bias)
+        optimizer = OPTIMIZERS.build(c.optim.name, params=groups, **optim_kw)
+        train_dl, val_dl, test_dl, self.sampler = make_loaders(
+            splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, seed,
+            accelerator.num_processes, d.sampler, d.pk_k)
+        self.model, self.optimizer, self.train_dl, self.val_dl, self.test_dl = accelerator.prepare(
+            raw_model, optimizer, train_dl, val_dl, test_dl)
+        self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum_steps)
+        sched_kw = {k: v for k, v in dataclasses.asdict(c.sched).items() if k != "name"}
+        scheduler = SCHEDULERS.build(c.sched.name, optimizer=self.optimizer, steps_per_epoch=self.steps_per_epoch,
+                                     epochs=t.epochs, **sched_kw)
+        self.scheduler = accelerator.prepare(scheduler)
+        self.tap = FeatureTap(self.model) if getattr(self.criterion, "needs_features", False) else None
+        stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
+        self.augment = AUGMENTS.build(d.augment, **stats)
+
+    def close(self) -> None:
+        """Release the wrappers so the plain model can be prepared again for the next stage."""
+        if self.tap is not None:
+            self.tap.remove()
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        self.accelerator.free_memory()
+        self.model = self.optimizer = self.scheduler = None
 
 
 def _restore_shared_rng(accelerator: Accelerator, path: Path) -> None:
@@ -411,29 +460,15 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
                         "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
         splits.train.labels = noisy
     # The run directory appears only once the data has loaded: a bad dataset leaves nothing behind.
+    stages = resolve_stages(cfg)
+    if len(stages) > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("config: train.stages: several stages need a new optimizer and model wrapper per "
+                          "stage, which DeepSpeed's engine does not allow; run the stages as separate runs")
     run_dir = resolve_run_dir(cfg, accelerator)
     tracker = Tracker(accelerator, run_dir, cfg.log.progress)
-    model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
-    apply_freeze(model, cfg.model.freeze)  # before the optimizer and DDP see the parameters
+    raw_model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_kw = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k != "name"}
-    criterion = LOSSES.build(cfg.loss.name, **loss_kw)
-    eval_criterion = LOSSES.build(cfg.loss.name, **loss_kw, reduction="none")
-    optim_kw = {k: v for k, v in dataclasses.asdict(cfg.optim).items()
-                if k not in ("name", "no_decay_norm_bias") and v is not None}
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.no_decay_norm_bias)
-    optimizer = OPTIMIZERS.build(cfg.optim.name, params=groups, **optim_kw)
-    train_dl, val_dl, test_dl, sampler = make_loaders(
-        splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, cfg.run.seed,
-        accelerator.num_processes, d.sampler, d.pk_k)
-    model, optimizer, train_dl, val_dl, test_dl = accelerator.prepare(
-        model, optimizer, train_dl, val_dl, test_dl)
-    steps_per_epoch = math.ceil(len(train_dl) / t.grad_accum_steps)
-    sched_kw = {k: v for k, v in dataclasses.asdict(cfg.sched).items() if k != "name"}
-    scheduler = SCHEDULERS.build(cfg.sched.name, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
-                                 epochs=t.epochs, **sched_kw)
-    scheduler = accelerator.prepare(scheduler)
+        raw_model = raw_model.to(memory_format=torch.channels_last)
 
     config_yaml = to_yaml(cfg)
     if accelerator.is_main_process:
@@ -441,19 +476,25 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         if noise_record is not None:
             (run_dir / "label_noise.json").write_text(json.dumps(noise_record) + "\n")
     ckpt_root = run_dir / "checkpoints"
-    state, resumed_from = _resume(accelerator, t.resume, ckpt_root, tracker)
+    resume_path = _find_resume(accelerator, t.resume, ckpt_root, tracker)
+    state = TrainState(**checkpoint.read_state(resume_path)) if resume_path else TrainState()
+    # A checkpoint holds the optimizer and schedule of the stage its next epoch belongs to.
+    stage = stage_at(stages, state.epoch)
+    run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
+    if resume_path is not None:
+        state = _load_resume(accelerator, resume_path, ckpt_root, tracker)
     tracker.truncate_after(state.step)
     if cfg.log.tensorboard:
         accelerator.project_configuration.project_dir = str(run_dir)
         accelerator.project_configuration.logging_dir = str(run_dir)
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                 for k, v in hparams(cfg).items()})
-    num_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    num_trainable = sum(p.numel() for p in accelerator.unwrap_model(model).parameters() if p.requires_grad)
-    tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {num_trainable:,} trained) on {d.name} "
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {run.num_trainable:,} trained) on {d.name} "
                   f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
                   f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                  f"device {accelerator.device}, precision {t.precision}")
+                  f"device {accelerator.device}, precision {t.precision}"
+                  + (f", {len(stages)} stages" if len(stages) > 1 else ""))
 
     def save(st: TrainState) -> Path:
         return checkpoint.save(accelerator, ckpt_root, st.step, dataclasses.asdict(st), config_yaml,
@@ -461,50 +502,57 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
 
     def on_step(st: TrainState, sums: torch.Tensor, log_sums: torch.Tensor) -> None:
         every = t.checkpoint_every_steps
-        if every and st.step % every == 0 and st.batch < len(train_dl):
+        if every and st.step % every == 0 and st.batch < len(run.train_dl):
             both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
             st.epoch_sums, st.log_sums = both[:3], both[3:]
             save(st)
 
     faults = Faults.from_env()
-    tap = FeatureTap(model) if getattr(criterion, "needs_features", False) else None
-    stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
-    augment = AUGMENTS.build(d.augment, **stats)
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
-        sampler.set_epoch(epoch)
-        train_dl.set_epoch(epoch)
-        loader = train_dl
+        if len(stages) > 1 and epoch == stage.start and state.batch == 0:
+            tracker.print(f"stage {stage.index + 1}/{len(stages)} {stage.name!r}: epochs {stage.start + 1}-"
+                          f"{stage.end}, loss {stage.cfg.loss.name}, freeze {stage.cfg.model.freeze}, "
+                          f"{run.num_trainable:,} parameters trained")
+        run.sampler.set_epoch(epoch)
+        run.train_dl.set_epoch(epoch)
+        loader = run.train_dl
         if state.batch > 0:
-            loader = accelerator.skip_first_batches(train_dl, state.batch)
+            loader = accelerator.skip_first_batches(run.train_dl, state.batch)
             loader.set_epoch(epoch)
-        tracker.start_epoch(epoch, t.epochs, steps_per_epoch * t.grad_accum_steps, state.batch)
+        tracker.start_epoch(epoch, t.epochs, run.steps_per_epoch * t.grad_accum_steps, state.batch)
         loss_n, correct, n = train_epoch(
-            model, criterion, optimizer, scheduler, loader, accelerator, state, tracker,
+            run.model, run.criterion, run.optimizer, run.scheduler, loader, accelerator, state, tracker,
             clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
-            augment=augment, tap=tap, on_step=on_step)
+            augment=run.augment, tap=run.tap, on_step=on_step)
         tracker.end_epoch()
-        val = evaluate(model, eval_criterion, val_dl, accelerator, num_classes, t.channels_last, tap)
+        val = evaluate(run.model, run.eval_criterion, run.val_dl, accelerator, num_classes, t.channels_last, run.tap)
         if val["acc"] > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
         row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
                "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
-               "lr": scheduler.get_last_lr()[0],
+               "lr": run.scheduler.get_last_lr()[0],
                "images_per_s": state.images / max(state.train_time_s, 1e-9)}
+        if len(stages) > 1:
+            row["stage"] = stage.name
         tracker.log("epoch", state.step, row)
         tracker.print(f"epoch {epoch + 1}/{t.epochs}  train loss {row['train_loss']:.4f} "
                       f"acc {row['train_acc']:.2%}  val loss {val['loss']:.4f} acc {val['acc']:.2%}  "
                       f"{row['images_per_s']:,.0f} img/s")
         state.epoch, state.batch, state.epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        if state.epoch < t.epochs and state.epoch >= stage.end:  # the next epoch opens a new stage:
+            stage = stage_at(stages, state.epoch)  # switch first, so its checkpoint holds the new stage
+            run.close()
+            run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
         save(state)
         if on_epoch_end is not None:
             on_epoch_end(row)
 
     tracker.close()
-    test = evaluate(model, eval_criterion, test_dl, accelerator, num_classes, t.channels_last, tap)
+    test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last, run.tap)
     accelerator.wait_for_everyone()
-    accelerator.save_model(model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
+    accelerator.save_model(run.model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
     summary = {
         "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
         "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
@@ -512,8 +560,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         "images_per_s": state.images / max(state.train_time_s, 1e-9),
         "train_time_s": state.train_time_s, "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-        "precision": t.precision, "num_params": num_params, "num_trainable_params": num_trainable, "nonfinite_steps": state.nonfinite_total,
-        "resumed_from": str(resumed_from) if resumed_from else None,
+        "precision": t.precision, "num_params": num_params, "num_trainable_params": run.num_trainable, "nonfinite_steps": state.nonfinite_total,
+        "resumed_from": str(resume_path) if resume_path else None,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])),
         "run_dir": str(run_dir),
     }
