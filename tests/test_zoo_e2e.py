@@ -66,3 +66,34 @@ def test_randaugment_and_rotate_flip_run_through_the_cli(tmp_path):
         ok(train(["--config", DEMO, f"run.dir={run}", f"data.augment={preset}", "data.limit=128",
                   "train.epochs=1", "sched.milestones=[]", "log.tensorboard=false"]))
         assert summary(run)["steps"] == 4  # 128 // 32
+
+
+def test_torchvision_state_dict_loads_with_a_new_head_and_the_frozen_part_stays_bit_identical(tmp_path):
+    """E4's frozen-ImageNet recipe with a file saved from torchvision's own ResNet-18 (1000-way
+    head): the 10-way head is new, the backbone loads, and after training it is unchanged to the
+    bit, BatchNorm running statistics included."""
+    import torchvision
+    from torch import nn
+
+    from conftest import weights
+
+    torch.manual_seed(5)
+    net = torchvision.models.resnet18(weights=None)
+    for m in net.modules():  # running statistics unlike a fresh model's, so a reset would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    source = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / "resnet18_imagenet_layout.pth"
+    torch.save(source, path)
+    run = tmp_path / "run"
+    ok(train(["--config", DEMO, f"run.dir={run}", "model.name=resnet18", f"model.pretrained={path}",
+              "model.freeze=backbone", "train.epochs=1", "data.limit=128", "sched.milestones=[]",
+              "log.tensorboard=false", "log.plots=false"]))
+    final = weights(run / "model.safetensors")
+    body = {k: v for k, v in source.items() if not k.startswith("fc.")}
+    assert {f"backbone.{k}" for k in body} == {k for k in final if k.startswith("backbone.")}
+    changed = [k for k, v in body.items() if not torch.equal(final[f"backbone.{k}"], v)]
+    assert not changed, f"frozen backbone changed: {changed[:5]}"
+    assert final["classifier.weight"].shape == (10, 512)  # the 1000-way head was replaced
+    assert summary(run)["num_trainable_params"] == 10 * 512 + 10

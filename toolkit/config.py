@@ -49,6 +49,8 @@ class DataConfig:
     sampler: str = "random"  # random | pk (P classes x K images per batch, for triplet losses)
     pk_k: int = 4  # pk: images per class in a batch; P = batch_size / pk_k
     label_noise: float = 0.0  # share of training labels replaced by a different class (seeded)
+    mixup_alpha: float = 0.0  # > 0: mixup with lam ~ Beta(a, a) (labels become soft)
+    cutmix_alpha: float = 0.0  # > 0: CutMix; with both set, each batch picks one at random
 
 
 @dataclass
@@ -108,7 +110,7 @@ class StageConfig:
     data: Dict[str, Any] = field(default_factory=dict)  # only sampler, pk_k, augment
 
 
-STAGE_DATA_KEYS = ("sampler", "pk_k", "augment")
+STAGE_DATA_KEYS = ("sampler", "pk_k", "augment", "mixup_alpha", "cutmix_alpha")
 
 
 @dataclass
@@ -133,6 +135,11 @@ class LogConfig:
     every_n_steps: int = 20
     progress: str = "auto"  # auto | rich | plain | none
     tensorboard: bool = True
+    test_every_epoch: bool = False  # also evaluate the test split after every epoch (E1/E2 curves)
+    plots: bool = True  # curves, confusion matrices (train, test) and feature PCA in the run directory
+    tsne: bool = False  # t-SNE of the features too (seconds to minutes)
+    embed_max: int = 2000  # images per split whose features are kept for the plots (0: none)
+    embed_classes: List[int] = field(default_factory=list)  # classes shown in the feature plots (default: first 10)
 
 
 @dataclass
@@ -148,7 +155,8 @@ class Config:
 
 
 # What a sweep may vary. Everything else (paths, precision, logging) is a run flag.
-TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.sampler", "data.pk_k", "model.", "optim.", "sched.", "loss.", "train.epochs",
+TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.sampler", "data.pk_k",
+           "data.mixup_alpha", "data.cutmix_alpha", "model.", "optim.", "sched.", "loss.", "train.epochs",
            "train.grad_accum_steps", "train.clip_grad_norm")
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -356,6 +364,11 @@ def validate(cfg: Config) -> None:
           f"must be in [1, 604800] (a week), got {t.dist_timeout_s}")
     _need(0 <= cfg.run.seed < 2**32, "run.seed", f"must be in [0, 2**32), got {cfg.run.seed}")
     _need(0 <= d.split_seed < 2**32, "data.split_seed", f"must be in [0, 2**32), got {d.split_seed}")
+    _need(cfg.log.embed_max >= 0, "log.embed_max", f"must be >= 0, got {cfg.log.embed_max}")
+    for key, a in (("data.mixup_alpha", d.mixup_alpha), ("data.cutmix_alpha", d.cutmix_alpha)):
+        _need(a >= 0 and math.isfinite(a), key, f"must be >= 0, got {a}")
+    _need(not (d.mixup_alpha or d.cutmix_alpha) or cfg.loss.name != "triplet", "data.mixup_alpha",
+          "mixup/CutMix make soft labels, which the triplet loss cannot use; use cross_entropy, squared or mse")
     _need(cfg.log.every_n_steps >= 1, "log.every_n_steps", f"must be >= 1, got {cfg.log.every_n_steps}")
     _need(cfg.log.progress in PROGRESS, "log.progress",
           f"unknown mode {cfg.log.progress!r}; choose one of: {', '.join(PROGRESS)}")

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
 from torch import nn
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -35,6 +36,7 @@ from toolkit import checkpoint
 from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
+from toolkit.data.mix import BatchMix
 from toolkit.data.noise import flip_labels
 from toolkit.data.samplers import EpochSampler, PKSampler
 from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
@@ -196,7 +198,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 accelerator: Accelerator, state: TrainState, tracker: Tracker, *,
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
-                tap: Optional[FeatureTap] = None, on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
+                tap: Optional[FeatureTap] = None, mix: Optional[Callable] = None, on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
     """One pass over `loader` (already positioned past `state.batch` batches).
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
@@ -218,6 +220,8 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
     for x, y in loader:
         if augment is not None:  # this rank's slice of the global batch, augmented as a whole
             x = augment(x, start=accelerator.process_index * x.shape[0], total=x.shape[0] * world)
+        if mix is not None:  # (B,) labels -> (B, K) soft labels
+            x, y = mix(x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accumulate(model):
@@ -252,7 +256,8 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 optimizer.zero_grad(set_to_none=True)
                 n = torch.tensor(y.shape[0], dtype=torch.float64, device=device)
                 d = loss.detach().double() * n
-                sums += torch.stack([d, (logits.detach().argmax(1) == y).sum().double(), n])
+                hard = y if y.ndim == 1 else y.argmax(1)  # mixed labels count as their larger part
+                sums += torch.stack([d, (logits.detach().argmax(1) == hard).sum().double(), n])
                 log_sums += torch.stack([d, n])
         state.batch += 1
         state.images += x.shape[0] * world
@@ -282,9 +287,13 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accelerator,
-             num_classes: int, channels_last: bool = False, tap: Optional[FeatureTap] = None) -> Dict[str, Any]:
+             num_classes: int, channels_last: bool = False, tap: Optional[FeatureTap] = None,
+             keep: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
-    sample counts once. Each rank updates its metrics with the gathered batch (no metric sync)."""
+    sample counts once. Each rank updates its metrics with the gathered batch (no metric sync).
+
+    keep: sorted positions in the split whose penultimate features (and labels) to return, as
+    "features" (n, D) and "labels" (n,) on the CPU, for the feature plots."""
     model.eval()
     device = accelerator.device
     kw = dict(num_classes=num_classes, sync_on_compute=False)
@@ -293,26 +302,63 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
     per_class = MulticlassAccuracy(top_k=1, average="none", **kw).to(device)
     confusion = MulticlassConfusionMatrix(**kw).to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    own_tap = FeatureTap(model) if keep is not None and tap is None else None
+    feature_tap = tap or own_tap
+    kept_f: List[torch.Tensor] = []
+    kept_y: List[torch.Tensor] = []
     count = 0
-    for x, y in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(x)
-        if tap is None:
-            logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
-            loss_sum += criterion(logits, y).double().sum()
-        else:  # the loss needs the features too: gather them with the logits
-            logits, feats, y = accelerator.gather_for_metrics((logits.float(), tap.features.float(), y))
-            loss_sum += criterion(logits, y, features=feats).double().sum()
-        count += y.shape[0]
-        for metric in (top1, top5, per_class, confusion):
-            metric.update(logits, y)
+    try:
+        for x, y in loader:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(x)
+            if feature_tap is None:
+                logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
+                feats = None
+            else:  # the loss or the plots need the features too: gather them with the logits
+                logits, feats, y = accelerator.gather_for_metrics(
+                    (logits.float(), feature_tap.features.flatten(1).float(), y))  # ..., (N_batch, D), ...
+            if tap is None:
+                loss_sum += criterion(logits, y).double().sum()
+            else:
+                loss_sum += criterion(logits, y, features=feats).double().sum()
+            if keep is not None:
+                sel = keep[(keep >= count) & (keep < count + y.shape[0])] - count
+                kept_f.append(feats[sel.to(feats.device)].cpu())
+                kept_y.append(y[sel.to(y.device)].cpu())
+            count += y.shape[0]
+            for metric in (top1, top5, per_class, confusion):
+                metric.update(logits, y)
+    finally:
+        if own_tap is not None:
+            own_tap.remove()
     set_train_mode(model)
-    return {"acc": top1.compute().item(), "top5": top5.compute().item(),
-            "loss": (loss_sum / max(count, 1)).item(), "num_samples": count,
-            "per_class_acc": per_class.compute().tolist(),
-            "confusion": confusion.compute().cpu().tolist()}
+    out = {"acc": top1.compute().item(), "top5": top5.compute().item(),
+           "loss": (loss_sum / max(count, 1)).item(), "num_samples": count,
+           "per_class_acc": per_class.compute().tolist(),
+           "confusion": confusion.compute().cpu().tolist()}
+    if keep is not None:
+        out["features"] = torch.cat(kept_f) if kept_f else torch.zeros(0)
+        out["labels"] = torch.cat(kept_y) if kept_y else torch.zeros(0, dtype=torch.long)
+    return out
+
+
+def _plot_sample(n: int, most: int, seed: int) -> Optional[torch.Tensor]:
+    """Sorted positions of up to `most` samples out of n (seeded), or None for none."""
+    if most <= 0 or n == 0:
+        return None
+    if n <= most:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:most].sort().values
+
+
+def _write_confusion(path: Path, names: List[str], matrix: List[List[int]]) -> None:
+    rows = [",".join(["true/pred", *names])]
+    rows += [",".join([name, *map(str, r)]) for name, r in zip(names, matrix)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,6 +442,8 @@ class _StageRun:
         self.tap = FeatureTap(self.model) if getattr(self.criterion, "needs_features", False) else None
         stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
         self.augment = AUGMENTS.build(d.augment, **stats)
+        self.mix = (BatchMix(d.mixup_alpha, d.cutmix_alpha, num_classes)
+                    if d.mixup_alpha > 0 or d.cutmix_alpha > 0 else None)
 
     def close(self) -> None:
         """Release the wrappers so the plain model can be prepared again for the next stage."""
@@ -427,6 +475,18 @@ def _restore_shared_rng(accelerator: Accelerator, path: Path) -> None:
         torch.cuda.set_rng_state(cuda[0], device=accelerator.device)
     if "step" in states:
         accelerator.step = states["step"]
+
+
+def _write_plots(run_dir: Path, log, tracker: Tracker) -> None:
+    """The run's plots. A plot that fails costs a warning, never the finished run."""
+    from toolkit import report
+
+    try:
+        images = report.run_report(run_dir, tsne=log.tsne, classes=list(log.embed_classes) or None)
+        tracker.print(f"plots: {', '.join(p.name for p in images)} and report.html")
+    except Exception as e:  # noqa: BLE001 (the weights and metrics are already safe on disk)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        tracker.print(f"warning: plots not written: {msg} (python -m toolkit.report {run_dir} retries)")
 
 
 def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -525,7 +585,7 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             run.model, run.criterion, run.optimizer, run.scheduler, loader, accelerator, state, tracker,
             clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
-            augment=run.augment, tap=run.tap, on_step=on_step)
+            augment=run.augment, tap=run.tap, mix=run.mix, on_step=on_step)
         tracker.end_epoch()
         val = evaluate(run.model, run.eval_criterion, run.val_dl, accelerator, num_classes, t.channels_last, run.tap)
         if val["acc"] > state.best_val_acc:
@@ -534,6 +594,10 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
                "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
                "lr": run.scheduler.get_last_lr()[0],
                "images_per_s": state.images / max(state.train_time_s, 1e-9)}
+        if cfg.log.test_every_epoch:
+            per_epoch_test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes,
+                                      t.channels_last, run.tap)
+            row.update(test_loss=per_epoch_test["loss"], test_acc=per_epoch_test["acc"])
         if len(stages) > 1:
             row["stage"] = stage.name
         tracker.log("epoch", state.step, row)
@@ -550,7 +614,15 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             on_epoch_end(row)
 
     tracker.close()
-    test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last, run.tap)
+    log = cfg.log
+    test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last, run.tap,
+                    keep=_plot_sample(len(splits.test), log.embed_max, cfg.run.seed) if log.plots else None)
+    train_eval = None
+    if log.plots:  # the training split once more, unaugmented: its confusion matrix and features
+        train_eval_dl = accelerator.prepare(DataLoader(splits.train, batch_size=d.eval_batch_size, shuffle=False,
+                                                       collate_fn=collate_batch, num_workers=d.num_workers))
+        train_eval = evaluate(run.model, run.eval_criterion, train_eval_dl, accelerator, num_classes,
+                              t.channels_last, run.tap, keep=_plot_sample(len(splits.train), log.embed_max, cfg.run.seed))
     accelerator.wait_for_everyone()
     accelerator.save_model(run.model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
     summary = {
@@ -568,9 +640,14 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"]})
     tracker.write_json("summary.json", summary)
     if accelerator.is_main_process:
-        rows = [",".join(["true/pred", *splits.class_names])]
-        rows += [",".join([name, *map(str, r)]) for name, r in zip(splits.class_names, test["confusion"])]
-        (run_dir / "confusion_test.csv").write_text("\n".join(rows) + "\n")
+        _write_confusion(run_dir / "confusion_test.csv", splits.class_names, test["confusion"])
         (run_dir / "data.json").write_text(json.dumps(splits.meta, indent=1) + "\n")
+        if train_eval is not None:
+            _write_confusion(run_dir / "confusion_train.csv", splits.class_names, train_eval["confusion"])
+            if "features" in test and len(test["features"]):
+                save_file({"train/features": train_eval["features"].contiguous(), "train/labels": train_eval["labels"],
+                           "test/features": test["features"].contiguous(), "test/labels": test["labels"]},
+                          str(run_dir / "embeddings.safetensors"))
+            _write_plots(run_dir, log, tracker)
     accelerator.end_training()
     return summary

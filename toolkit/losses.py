@@ -33,7 +33,10 @@ class SoftmaxSquaredError(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         p = logits.float().softmax(dim=1)  # (B, C)
-        onehot = F.one_hot(target, num_classes=logits.shape[1]).to(p.dtype)
+        if target.ndim == 2:  # soft labels (mixup/CutMix): (B, C) rows summing to 1
+            onehot = target.to(p.dtype)
+        else:
+            onehot = F.one_hot(target, num_classes=logits.shape[1]).to(p.dtype)
         err = (p - onehot).pow(2)
         per = err.sum(1) if self.per_sample == "sum" else err.mean(1)  # (B,)
         if self.reduction == "none":
