@@ -173,7 +173,7 @@ def _omega_error(e: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"config: {key}: {msg}" if key else f"config: {msg}")
 
 
-def _read_yaml(path: str) -> Dict[str, Any]:
+def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {path}")
@@ -188,7 +188,7 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of sections, got {type(data).__name__}")
     for section, body in data.items():
-        if section in SECTIONS and body is not None and not isinstance(body, dict):
+        if section in sections and body is not None and not isinstance(body, dict):
             raise ConfigError(f"config: {section}: must be a mapping of keys, got {type(body).__name__}")
     return data
 
@@ -203,26 +203,31 @@ def _parse_overrides(overrides: Iterable[str]) -> List[str]:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """YAML file (optional) + `section.key=value` overrides -> validated Config."""
-    base = OmegaConf.structured(Config)
+def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) -> tuple:
+    """Dataclass defaults < YAML < overrides, typed and strict -> (object, yaml layers, dotlist)."""
     layers = []
     if path is not None:
-        data = _read_yaml(path)
+        data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
         data.setdefault("run", {})
         if isinstance(data["run"], dict):
             data["run"].setdefault("name", Path(path).stem)
         layers.append(data)
     dotlist = _parse_overrides(overrides)
     try:
-        merged = base
+        merged = OmegaConf.structured(schema)
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
         if dotlist:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
-        cfg = OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
+    return obj, layers, dotlist
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
+    """YAML file (optional) + `section.key=value` overrides -> validated Config."""
+    cfg, layers, dotlist = merge_layers(Config, path, overrides)
     # train.epochs counts as given when it is set in the layer that sets the stages, or later.
     explicit = any(o.startswith("train.epochs=") for o in dotlist) or (
         not any(o.startswith("train.stages=") for o in dotlist)

@@ -4,6 +4,7 @@ Set through environment variables, read once per run; all are off unless set.
   TOOLKIT_FAULT_KILL_AT_STEP=N[@RANK]    SIGKILL this process right after optimizer step N
   TOOLKIT_FAULT_RAISE_AT_STEP=N[@RANK]   raise RuntimeError right after optimizer step N
   TOOLKIT_FAULT_NONFINITE_STEPS=A-B      make the loss NaN for optimizer steps A..B (1-based)
+  TOOLKIT_FAULT_KILL_AT_SHARD=N[@RANK]   extraction: SIGKILL this process right after it wrote its Nth shard
 RANK defaults to every rank. Steps count optimizer updates over the whole run.
 """
 
@@ -36,13 +37,15 @@ class Faults:
     kill: Optional[Tuple[int, Optional[int]]] = None
     raise_: Optional[Tuple[int, Optional[int]]] = None
     nonfinite: Optional[Tuple[int, int]] = None
+    kill_shard: Optional[Tuple[int, Optional[int]]] = None
 
     @classmethod
     def from_env(cls) -> "Faults":
         env = os.environ
         return cls(kill=_at(env.get("TOOLKIT_FAULT_KILL_AT_STEP")),
                    raise_=_at(env.get("TOOLKIT_FAULT_RAISE_AT_STEP")),
-                   nonfinite=_range(env.get("TOOLKIT_FAULT_NONFINITE_STEPS")))
+                   nonfinite=_range(env.get("TOOLKIT_FAULT_NONFINITE_STEPS")),
+                   kill_shard=_at(env.get("TOOLKIT_FAULT_KILL_AT_SHARD")))
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """`step`: the 1-based optimizer step this micro-batch contributes to."""
@@ -55,3 +58,8 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.raise_ and self.raise_[0] == step and self.raise_[1] in (None, rank):
             raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+
+    def after_shard(self, written: int, rank: int) -> None:
+        """`written`: shards this process has written in this run, 1-based."""
+        if self.kill_shard and self.kill_shard[0] == written and self.kill_shard[1] in (None, rank):
+            os.kill(os.getpid(), signal.SIGKILL)

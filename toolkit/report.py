@@ -4,6 +4,7 @@
     python -m toolkit.report RUN --tsne --classes 0,1,2,3,4
     python -m toolkit.report RUN_A RUN_B ... --out DIR   # DIR/compare.png, compare.csv, compare.md, report.html
     python -m toolkit.report SWEEP_DIR                # every run below it, compared
+    python -m toolkit.report RUN/features --tsne      # PCA / t-SNE of extracted features, by class
 
 Reads only the run-directory contract (summary.json, metrics.jsonl, config.yaml,
 confusion_*.csv, embeddings.safetensors), so it works on runs from any machine, finished or
@@ -146,13 +147,14 @@ def plot_confusion(path: Path, out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
-def plot_embeddings(path: Path, out: Path, method: str, classes: Optional[Sequence[int]] = None,
-                    names: Optional[Sequence[str]] = None, seed: int = 0) -> Path:
-    """PCA or t-SNE of the penultimate features saved by the run, one panel per split."""
+def plot_embeddings(path, out: Path, method: str, classes: Optional[Sequence[int]] = None,
+                    names: Optional[Sequence[str]] = None, seed: int = 0, title: str = "penultimate features") -> Path:
+    """PCA or t-SNE of features, one panel per split: `path` is a run's embeddings.safetensors,
+    or a dict {"<split>/features": (N, D), "<split>/labels": (N,)} of numpy arrays."""
     import numpy as np
     from safetensors.numpy import load_file
 
-    data = load_file(str(path))
+    data = path if isinstance(path, dict) else load_file(str(path))
     splits = sorted({k.split("/")[0] for k in data}, key=lambda s: ("train", "val", "test").index(s)
                     if s in ("train", "val", "test") else 9)
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 5), squeeze=False)
@@ -179,7 +181,7 @@ def plot_embeddings(path: Path, out: Path, method: str, classes: Optional[Sequen
             ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.7, label=label)
         ax.set_title(f"{split} ({len(f)} images)")
         ax.legend(markerscale=2, fontsize=7)
-    fig.suptitle(f"{method.upper()} of penultimate features")
+    fig.suptitle(f"{method.upper()} of {title}")
     return _save(fig, out)
 
 
@@ -229,6 +231,33 @@ def run_report(run_dir: Path, out: Optional[Path] = None, tsne: bool = False,
             "world_size", "precision")
     table = [{"run": run.name, **{k: run.summary[k] for k in keys if k in run.summary}}]
     _write_text(out / "report.html", _html(f"run {run.name}", table, images, out))
+    return images
+
+
+def features_report(features_dir: Path, out: Optional[Path] = None, tsne: bool = False,
+                    classes: Optional[Sequence[int]] = None, max_points: int = 5000) -> List[Path]:
+    """PCA (and t-SNE) of an extracted features directory, coloured by class (E4's plots).
+
+    At most `max_points` rows, a seeded random sample, so t-SNE stays within minutes."""
+    import numpy as np
+
+    from toolkit.features import load_features
+
+    feats = load_features(features_dir)
+    labelled = (feats.labels >= 0).nonzero().flatten().numpy()
+    if len(labelled) < 3:
+        raise ConfigError(f"report: {features_dir} has fewer than 3 labelled images; nothing to colour by class")
+    if len(labelled) > max_points:
+        labelled = np.sort(np.random.default_rng(0).choice(labelled, max_points, replace=False))
+    data = {"features/features": feats.features.numpy()[labelled], "features/labels": feats.labels.numpy()[labelled]}
+    out = Path(out or features_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layer = f"{feats.meta.get('model', {}).get('name')} {feats.meta.get('layer')} features"
+    images = [plot_embeddings(data, out / f"features_{m}.png", m, classes, feats.class_names, 0, layer)
+              for m in (("pca", "tsne") if tsne else ("pca",))]
+    table = [{"features": str(features_dir), "rows": feats.meta["rows"], "dim": feats.meta["dim"],
+              "bad_images": feats.meta["bad_images"], "layer": feats.meta["layer"]}]
+    _write_text(out / "report.html", _html(f"features {features_dir}", table, images, out))
     return images
 
 
@@ -293,9 +322,18 @@ def find_runs(path: Path) -> List[Path]:
     return sorted(p.parent for p in path.rglob("metrics.jsonl"))
 
 
+def _parse_classes(text: Optional[str]) -> Optional[List[int]]:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"report: --classes: expected comma-separated integers, got {text!r}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m toolkit.report", description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="+", type=Path, help="run directories, or a directory of runs")
+    ap.add_argument("paths", nargs="+", type=Path, help="run directories, a directory of runs, or a features directory")
     ap.add_argument("--out", type=Path, help="where to write (default: the run, or PATH/compare)")
     ap.add_argument("--tsne", action="store_true", help="also t-SNE of the features (slower)")
     ap.add_argument("--classes", help="comma-separated class indices for the embedding plots")
@@ -304,15 +342,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for p in args.paths:
             if not p.is_dir():
                 raise ConfigError(f"report: no such directory: {p}")
+        classes = _parse_classes(args.classes)
+        if len(args.paths) == 1 and (args.paths[0] / "meta.json").is_file():  # an extracted features directory
+            images = features_report(args.paths[0], args.out, args.tsne, classes)
+            print(f"wrote {len(images)} image(s) and report.html to {args.out or args.paths[0]}")
+            return 0
         runs = [r for p in args.paths for r in find_runs(p)]
         if not runs:
             raise ConfigError(f"report: no run directories (with metrics.jsonl) under {', '.join(map(str, args.paths))}")
-        classes = None
-        if args.classes:
-            try:
-                classes = [int(c) for c in args.classes.split(",")]
-            except ValueError:
-                raise ConfigError(f"report: --classes: expected comma-separated integers, got {args.classes!r}") from None
         if len(runs) == 1:
             images = run_report(runs[0], args.out, args.tsne, classes)
             where = args.out or runs[0]

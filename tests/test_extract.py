@@ -1,0 +1,272 @@
+"""Feature extraction end to end: the real CLIs (`python -m toolkit.extract`, `accelerate launch
+toolkit/extract.py`, `python -m toolkit.retrieve`) in temp dirs, checking the files they write."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import ROOT, _env, launch, ok
+from toolkit.features import load_features, read_manifest
+
+pytestmark = pytest.mark.slow
+DIGITS = ["data.name=digits", "data.split=test", "model.name=lenet", "extract.shard_size=40"]  # 360 images, 9 shards
+
+
+def extract(args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit.extract", *args], cwd=ROOT, env=_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def retrieve(args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit.retrieve", *args], cwd=ROOT, env=_env(None),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fails(proc, code: int, *needles: str) -> str:
+    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), proc.stderr
+    for n in needles:
+        assert n in line, line
+    return line
+
+
+def shard_times(features: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (features / "shards").glob("part-*.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("extract") / "one"
+    ok(extract([*DIGITS, f"run.dir={run}"]))
+    return run / "features"
+
+
+def test_features_are_the_models_normalised_penultimate_features_in_dataset_order(one_process):
+    from toolkit.data import DATASETS
+    from toolkit.models import MODELS
+
+    feats = load_features(one_process)
+    test = DATASETS.build("digits", root=None, split_seed=0, limit=None).test
+    assert feats.index.tolist() == list(range(len(test)))
+    assert torch.equal(feats.labels, test.labels)
+    torch.manual_seed(0)  # run.seed: a model without weights is initialised from it
+    model = MODELS.build("lenet", num_classes=1000).eval()
+    x, _ = test.__getitems__(list(range(len(test))))
+    with torch.inference_mode():
+        want = F.normalize(model.forward_features(x), dim=1)
+    assert feats.features.shape == (360, 84)
+    assert torch.allclose(feats.features, want, atol=1e-5)
+    meta = json.loads((one_process / "meta.json").read_text())
+    assert meta["rows"] == 360 and meta["num_shards"] == 9 and meta["bad_images"] == 0
+    assert [r["path"] for r in read_manifest(one_process)][:2] == ["digits:test:0", "digits:test:1"]
+
+
+def test_two_gloo_processes_give_the_same_features_in_the_same_order(one_process, tmp_path):
+    run = tmp_path / "two"
+    proc = ok(launch(["--config", str(ROOT / "configs/extract_digits.yaml"), *DIGITS, f"run.dir={run}"],
+                     script="toolkit/extract.py"))
+    assert "2 process(es)" in proc.stdout
+    a, b = load_features(one_process), load_features(run / "features")
+    assert torch.equal(a.index, b.index) and len(set(b.index.tolist())) == 360  # no duplicates, none missing
+    assert torch.equal(a.labels, b.labels)
+    assert torch.allclose(a.features, b.features, atol=1e-6)
+    assert json.loads((run / "features/summary.json").read_text())["world_size"] == 2
+
+
+def test_a_killed_rank_is_finished_by_a_rerun_without_recomputing_done_shards(one_process, tmp_path):
+    run = tmp_path / "killed"
+    args = ["--config", str(ROOT / "configs/extract_digits.yaml"), *DIGITS, f"run.dir={run}"]
+    proc = launch(args, script="toolkit/extract.py", env={"TOOLKIT_FAULT_KILL_AT_SHARD": "1@1"})
+    assert proc.returncode != 0
+    features = run / "features"
+    assert not (features / "meta.json").exists()  # unfinished: retrieve refuses it
+    fails(retrieve(["eval", "--features", str(features)]), 2, "no finished extraction", "rerun")
+    before = shard_times(features)
+    assert 1 <= len(before) < 9 and "part-000001.safetensors" in before  # rank 1 wrote shard 1, then died
+    again = ok(launch(args, script="toolkit/extract.py"))
+    assert "complete shard(s) kept" in again.stdout
+    after = shard_times(features)
+    assert len(after) == 9
+    assert all(after[name] == t for name, t in before.items())  # not rewritten
+    a, b = load_features(one_process), load_features(features)
+    assert torch.equal(a.index, b.index) and torch.allclose(a.features, b.features, atol=1e-6)
+
+
+def test_a_damaged_shard_is_redone_and_other_settings_are_refused(tmp_path):
+    run = tmp_path / "r"
+    ok(extract([*DIGITS, f"run.dir={run}", "data.limit=100"]))
+    features = run / "features"
+    want = load_features(features).features
+    shard = features / "shards/part-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    fails(retrieve(["eval", "--features", str(features)]), 2, "part-000001", "damaged")
+    before = shard_times(features)
+    proc = ok(extract([*DIGITS, f"run.dir={run}", "data.limit=100", "data.batch_size=7"]))  # batch size is free
+    assert "2 complete shard(s) kept, 1 to do" in proc.stdout
+    after = shard_times(features)
+    assert after["part-000000.safetensors"] == before["part-000000.safetensors"]
+    assert after["part-000001.safetensors"] != before["part-000001.safetensors"]
+    assert torch.allclose(load_features(features).features, want, atol=1e-6)
+    fails(extract([*DIGITS, f"run.dir={run}", "data.limit=100", "extract.layer=logits"]), 2,
+          "other settings", "extract.layer='features'")
+
+
+# ------------------------------------------------------------------------------------------
+# a folder of images, bad ones included
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels: enough for Pillow's bomb check."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def _jpeg(mode="RGB", colour=(200, 30, 30), size=(48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_zoo(root: Path) -> dict:
+    """root/bad/<5 broken files>, root/odd/<4 odd-mode images>, root/good.jpg (no class)."""
+    (root / "bad").mkdir(parents=True)
+    (root / "odd").mkdir()
+    rng = torch.Generator().manual_seed(0)
+    (root / "bad/empty.jpg").write_bytes(b"")
+    (root / "bad/truncated.jpg").write_bytes(_jpeg(size=(200, 160))[:400])
+    (root / "bad/random.png").write_bytes(bytes(torch.randint(0, 256, (3000,), generator=rng, dtype=torch.uint8).tolist()))
+    (root / "bad/text.jpg").write_text("this is not an image\n")
+    (root / "bad/bomb.png").write_bytes(_png_header_only(20000, 20000))  # 400 M pixels > 2 x Pillow's limit
+    (root / "odd/cmyk.jpg").write_bytes(_jpeg("CMYK", (0, 200, 200, 0)))
+    Image.new("L", (40, 40), 90).save(root / "odd/grey.png")
+    Image.new("RGB", (40, 40), (10, 200, 10)).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "odd/palette.png")
+    Image.new("RGBA", (40, 40), (10, 10, 200, 128)).save(root / "odd/rgba.png")
+    (root / "good.jpg").write_bytes(_jpeg())
+    return {"bad": {"empty.jpg": "empty file", "truncated.jpg": "Truncated", "random.png": "not an image",
+                    "text.jpg": "not an image", "bomb.png": "DecompressionBombError"}}
+
+
+@pytest.fixture(scope="module")
+def zoo_features(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("zoo")
+    expected = make_zoo(base / "images")
+    run = base / "run"
+    proc = ok(extract(["--config", str(ROOT / "configs/extract_resnet50.yaml"), f"data.root={base / 'images'}",
+                       "model.name=resnet18", "model.pretrained=null", "data.image_size=32", "data.num_workers=2",
+                       "extract.shard_size=4", f"run.dir={run}"]))
+    assert "5 bad image(s)" in proc.stdout
+    return run / "features", expected
+
+
+def test_bad_images_are_listed_and_the_good_ones_extracted(zoo_features):
+    features, expected = zoo_features
+    lines = (features / "bad_images.txt").read_text().splitlines()
+    reasons = {Path(line.split("\t")[1]).name: line.split("\t")[2] for line in lines}
+    assert set(reasons) == set(expected["bad"])
+    for name, needle in expected["bad"].items():
+        assert needle in reasons[name], (name, reasons[name])
+    feats = load_features(features)
+    names = [Path(p).name for p in feats.paths]
+    assert names == ["good.jpg", "cmyk.jpg", "grey.png", "palette.png", "rgba.png"]  # path order
+    assert feats.class_names == ["bad", "odd"]
+    assert feats.labels.tolist() == [-1, 1, 1, 1, 1]  # an image outside a class folder has no class
+    assert feats.features.shape == (5, 512) and torch.isfinite(feats.features).all()
+    assert torch.allclose(feats.features.norm(dim=1), torch.ones(5), atol=1e-5)
+    s = json.loads((features / "summary.json").read_text())
+    assert s["bad_images"] == 5 and s["rows"] == 5 and s["num_images"] == 10
+
+
+def test_search_pairs_and_grid_on_image_files(zoo_features, tmp_path):
+    features, _ = zoo_features
+    images = Path(load_features(features).paths[0]).parent
+    query = images / "odd/grey.png"
+    proc = ok(retrieve(["search", "--features", str(features), "--query", str(query), "--topk", "3",
+                        "--grid", str(tmp_path / "grid.png"), "--json", str(tmp_path / "r.json")]))
+    res = json.loads((tmp_path / "r.json").read_text())[0]["results"]
+    assert res[0]["path"].endswith("grey.png") and res[0]["cosine"] == pytest.approx(1.0, abs=1e-5)  # itself
+    assert [r["rank"] for r in res] == [1, 2, 3] and res[0]["cosine"] >= res[1]["cosine"] >= res[2]["cosine"]
+    assert "grey.png" in proc.stdout and (tmp_path / "grid.png").stat().st_size > 0
+    pytest.importorskip("faiss")
+    ok(retrieve(["search", "--features", str(features), "--query", str(query), "--topk", "3",
+                 "--backend", "faiss", "--json", str(tmp_path / "f.json")]))
+    assert [r["row"] for r in json.loads((tmp_path / "f.json").read_text())[0]["results"]] == [r["row"] for r in res]
+    a, b, c = images / "good.jpg", images / "odd/cmyk.jpg", images / "odd/rgba.png"
+    proc = ok(retrieve(["pairs", "--features", str(features), str(a), str(b), str(c), "--csv", str(tmp_path / "d.csv")]))
+    rows = (tmp_path / "d.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[1].split(",")[1] == "0.000000"  # distance of an image to itself
+    fails(retrieve(["search", "--features", str(features), "--query", str(images / "bad/text.jpg")]), 2,
+          "cannot read image")
+    fails(retrieve(["search", "--features", str(features), "--query", str(tmp_path / "nope.jpg")]), 2, "no such file")
+
+
+# ------------------------------------------------------------------------------------------
+# train -> extract -> eval on digits, and bad input
+
+
+def test_trained_digits_run_extracted_and_evaluated(demo_single, tmp_path):
+    proc = ok(extract(["--config", str(ROOT / "configs/extract_digits.yaml"), f"model.run={demo_single}",
+                       f"run.dir={tmp_path / 'x'}"]))
+    features = tmp_path / "x/features"
+    assert "360 x 84" in proc.stdout
+    meta = json.loads((features / "meta.json").read_text())
+    assert meta["model"]["run"] == str(demo_single) and meta["model"]["num_classes"] == 10
+    proc = ok(retrieve(["eval", "--features", str(features), "--topk", "1,5"]))
+    res = json.loads((features / "retrieval_eval.json").read_text())
+    assert res["queries"] == 360 and res["gallery"] == 359 and res["leave_one_out"]
+    assert res["precision@5"] > 0.9 and res["mAP"] > 0.8  # a trained LeNet separates the digits
+    assert "mAP" in proc.stdout
+    # the test split searched with the validation split as queries
+    ok(extract(["--config", str(ROOT / "configs/extract_digits.yaml"), f"model.run={demo_single}", "data.split=val",
+                f"run.dir={tmp_path / 'v'}"]))
+    ok(retrieve(["eval", "--features", str(features), "--queries", str(tmp_path / "v/features"), "--topk", "5",
+                 "--out", str(tmp_path / "qv.json")]))
+    qv = json.loads((tmp_path / "qv.json").read_text())
+    assert qv["queries"] == 180 and qv["gallery"] == 360 and not qv["leave_one_out"]
+    ok(retrieve(["search", "--features", str(features), "--query-index", "0", "--topk", "3"]))
+    fails(retrieve(["search", "--features", str(features), "--query", str(ROOT / "README.md")]), 2, "--query-index")
+
+
+def test_layers(tmp_path):
+    ok(extract([*DIGITS, "data.limit=50", "extract.layer=logits", "model.num_classes=10", f"run.dir={tmp_path / 'a'}"]))
+    assert load_features(tmp_path / "a/features").features.shape == (50, 10)
+    ok(extract([*DIGITS, "data.limit=50", "extract.layer=features.3", "extract.l2_normalize=false",
+                f"run.dir={tmp_path / 'b'}"]))  # LeNet's second conv block: (B, 16, H, W) pooled to 16
+    assert load_features(tmp_path / "b/features").features.shape == (50, 16)
+    fails(extract([*DIGITS, "extract.layer=nope", f"run.dir={tmp_path / 'c'}"]), 2, "extract.layer", "no module 'nope'")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["data.nme=x"], ["data.nme"]),
+    (["extract.shard_size=0"], ["extract.shard_size"]),
+    (["extract.precision=fp8"], ["extract.precision"]),
+    (["model.name=null"], ["model.name", "model.run"]),
+    (["model.run=/no/such/run", "model.name=null"], ["model.run", "not a finished training run"]),
+    (["data.name=folder", "data.root=/no/such/dir"], ["data.root", "no such directory"]),
+    (["data.split=extra"], ["data.split"]),
+])
+def test_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
+    fails(extract([*DIGITS, *args, f"run.dir={tmp_path / 'r'}"]), 2, *needles)
+    assert not (tmp_path / "r/features/shards").exists() or not any((tmp_path / "r/features/shards").iterdir())
+
+
+def test_feature_plots_from_a_features_directory(one_process, tmp_path):
+    proc = ok(subprocess.run([sys.executable, "-m", "toolkit.report", str(one_process), "--tsne", "--classes", "0,1,2",
+                               "--out", str(tmp_path)], cwd=ROOT, env=_env(None), capture_output=True, text=True,
+                              timeout=300))
+    assert "2 image(s)" in proc.stdout
+    for name in ("features_pca.png", "features_tsne.png", "report.html"):
+        assert (tmp_path / name).stat().st_size > 0
