@@ -270,3 +270,14 @@ def test_feature_plots_from_a_features_directory(one_process, tmp_path):
     assert "2 image(s)" in proc.stdout
     for name in ("features_pca.png", "features_tsne.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bf16_autocast_and_channels_last_give_nearly_the_same_features(one_process, tmp_path):
+    run = tmp_path / "bf16"
+    ok(extract([*DIGITS, "extract.precision=bf16", "extract.channels_last=true", f"run.dir={run}"]))
+    a, b = load_features(one_process), load_features(run / "features")
+    assert b.features.dtype == torch.float32 and torch.equal(a.index, b.index)
+    assert not torch.equal(a.features, b.features)  # bf16 really ran
+    cos = (a.features * b.features).sum(1)
+    assert cos.min() > 0.99, cos.min()
+    assert json.loads((run / "features/meta.json").read_text())["precision"] == "bf16"
