@@ -83,6 +83,20 @@ def test_cosine_with_warmup_rises_then_falls_to_the_floor():
     assert f(30) == pytest.approx(0.1) and f(5) == pytest.approx(1.0)
 
 
+def test_multistep_step_and_constant_warm_up_then_keep_their_decay():
+    """Warmup multiplies the schedule: milestones still count updates from the start of the run."""
+    out = lrs("multistep", milestones=[2, 4], gamma=0.1, warmup_epochs=1)
+    assert out[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert out[5:10] == pytest.approx([1.0] * 5) and out[10:20] == pytest.approx([0.1] * 10)
+    assert out[20:] == pytest.approx([0.01] * 10)
+    out = lrs("step", step_size=2, gamma=0.5, warmup_epochs=0.4)  # 2 updates
+    assert out[:3] == pytest.approx([0.5, 1.0, 1.0]) and out[9:11] == pytest.approx([1.0, 0.5])
+    assert out[20] == pytest.approx(0.25)
+    assert lrs("step", step_size=2, gamma=0.5, warmup_epochs=0.4)[2:] == lrs("step", step_size=2, gamma=0.5)[2:]
+    out = lrs("constant", warmup_epochs=2)
+    assert out[:10] == pytest.approx([(i + 1) / 10 for i in range(10)]) and set(out[10:]) == {1.0}
+
+
 def test_onecycle_peaks_at_the_configured_lr_and_runs_the_whole_run():
     out = lrs("onecycle", pct_start=0.25)
     assert max(out) == pytest.approx(1.0, rel=2e-3)  # the peak falls between two updates
@@ -118,13 +132,15 @@ def test_every_schedule_state_dict_round_trips(name):
 
 @pytest.mark.parametrize("override,key", [
     ("sched.step_size=0", "sched.step_size"), ("sched.warmup_epochs=10", "sched.warmup_epochs"),
-    ("sched.min_lr_factor=2", "sched.min_lr_factor"), ("sched.pct_start=1", "sched.pct_start"),
+    ("sched.min_lr_factor=2", "sched.min_lr_factor"),
+    ("sched.name=onecycle sched.milestones=[] sched.warmup_epochs=1", "sched.warmup_epochs"),
+    ("sched.pct_start=1", "sched.pct_start"),
     ("optim.betas=[0.9]", "optim.betas"), ("optim.eps=0", "optim.eps"), ("optim.alpha=1", "optim.alpha"),
     ("data.label_noise=1.5", "data.label_noise"),
 ])
 def test_new_keys_are_range_checked(override, key):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert str(e.value).startswith(f"config: {key}: ") and "\n" not in str(e.value)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -83,3 +85,20 @@ def test_fewer_model_classes_than_the_dataset_is_refused(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config: model.num_classes: 2 is fewer than the dataset's 10 classes"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_in_use_is_refused_with_the_holders_pid(tmp_path):
+    """Two processes training into one run directory would overwrite each other's checkpoints."""
+    from toolkit.engine import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):
+        proc = train(["--config", DEMO, f"run.dir={run}", "train.resume=auto", "train.epochs=1", "data.limit=100",
+                      "sched.milestones=[]"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: config: run.dir: {run} is in use by another process "
+                                                   f"(pid {os.getpid()}); wait for it to end or choose another run.dir")
+    assert not (run / "checkpoints").exists()
+    ok(train(["--config", DEMO, f"run.dir={run}", "train.resume=auto", "train.epochs=1", "data.limit=100",
+              "sched.milestones=[]"]))  # released: the next run goes ahead

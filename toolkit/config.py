@@ -80,7 +80,7 @@ class SchedConfig:
     milestones: List[int] = field(default_factory=list)  # epochs at which lr *= gamma
     gamma: float = 0.1
     step_size: int = 1  # step: epochs between decays
-    warmup_epochs: float = 0.0  # cosine: linear warmup length
+    warmup_epochs: float = 0.0  # linear warmup length (every schedule but onecycle, which has its own)
     min_lr_factor: float = 0.0  # cosine: final lr / base lr
     pct_start: float = 0.25  # onecycle: share of the run spent rising
 
@@ -334,6 +334,8 @@ def validate(cfg: Config) -> None:
     _need(s.step_size >= 1, "sched.step_size", f"must be >= 1, got {s.step_size}")
     _need(0 <= s.warmup_epochs < t.epochs or bool(t.stages), "sched.warmup_epochs",
           f"must be in [0, train.epochs={t.epochs}), got {s.warmup_epochs}")
+    _need(s.warmup_epochs == 0 or s.name != "onecycle", "sched.warmup_epochs",
+          "onecycle has its own warmup (sched.pct_start); leave warmup_epochs at 0")
     _need(0 <= s.min_lr_factor <= 1, "sched.min_lr_factor", f"must be in [0, 1], got {s.min_lr_factor}")
     _need(0 < s.pct_start < 1, "sched.pct_start", f"must be in (0, 1), got {s.pct_start}")
     _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

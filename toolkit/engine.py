@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
@@ -411,6 +412,24 @@ def _load_resume(accelerator: Accelerator, path: Path, ckpt_root: Path, tracker:
     return state
 
 
+def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
+    """Put `o`'s lr, momentum and weight decay on a loaded optimizer without restarting its
+    schedule: every lr the schedule keeps (current, initial, peak, floor) is scaled by
+    o.lr / saved_lr, the base lr the checkpoint was trained with."""
+    sched = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+    ratio = o.lr / saved_lr
+    for i, group in enumerate(optimizer.param_groups):
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= ratio
+        if group.get("weight_decay", 0) > 0:  # no-decay groups (biases, norms) stay at 0
+            group["weight_decay"] = o.weight_decay
+        if "momentum" in group:
+            group["momentum"] = o.momentum
+    sched.base_lrs = [b * ratio for b in sched.base_lrs]
+    sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 class _StageRun:
     """What one stage trains with: freeze mode, loss, optimizer, schedule, loaders, augmentation,
     all prepared by Accelerate. A new stage is a new _StageRun on the same plain model: what is
@@ -489,8 +508,48 @@ def _write_plots(run_dir: Path, log, tracker: Tracker) -> None:
         tracker.print(f"warning: plots not written: {msg} (python -m toolkit.report {run_dir} retries)")
 
 
-def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-    """Train, validate every epoch, test at the end. Returns (and writes) the summary."""
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait_s: float = 0.0):
+    """Hold RUN/.lock (an exclusive flock, released when the process ends however it ends):
+    two processes training into one run directory would overwrite each other's checkpoints.
+    Waits up to `wait_s` for a previous holder (a sweep trial orphaned by a killed driver)."""
+    import fcntl
+
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise ConfigError(f"config: run.dir: {run_dir} is in use by another process (pid {holder}); "
+                                      "wait for it to end or choose another run.dir") from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None,
+        optim_from_config: bool = False, lock_wait_s: float = 0.0) -> Dict[str, Any]:
+    """Train, validate every epoch, test at the end. Returns (and writes) the summary.
+
+    `on_epoch_end(row)` gets each epoch's metrics once its checkpoint is saved (row["checkpoint"]).
+    With `optim_from_config`, a resumed run takes lr, momentum and weight decay from `cfg`
+    rather than from the checkpoint (population-based training continues another trial's
+    state with its own perturbed hyperparameters). `lock_wait_s`: how long to wait for
+    another process to leave the run directory before giving up."""
+    with contextlib.ExitStack() as stack:
+        return _fit(cfg, on_epoch_end, optim_from_config, lock_wait_s, stack)
+
+
+def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
+         stack: contextlib.ExitStack) -> Dict[str, Any]:
     t_start = time.perf_counter()
     check_paths(cfg)
     accelerator = make_accelerator(cfg)
@@ -525,6 +584,8 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
         raise ConfigError("config: train.stages: several stages need a new optimizer and model wrapper per "
                           "stage, which DeepSpeed's engine does not allow; run the stages as separate runs")
     run_dir = resolve_run_dir(cfg, accelerator)
+    if accelerator.is_main_process:
+        stack.enter_context(run_lock(run_dir, lock_wait_s))
     tracker = Tracker(accelerator, run_dir, cfg.log.progress)
     raw_model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
     if t.channels_last:
@@ -543,6 +604,9 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
     run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
     if resume_path is not None:
         state = _load_resume(accelerator, resume_path, ckpt_root, tracker)
+        if optim_from_config:
+            saved_lr = float(yaml.safe_load((resume_path / "config.yaml").read_text())["optim"]["lr"])
+            apply_optim_hparams(run.optimizer, run.scheduler, stage.cfg.optim, saved_lr)
     tracker.truncate_after(state.step)
     if cfg.log.tensorboard:
         accelerator.project_configuration.project_dir = str(run_dir)
@@ -609,9 +673,9 @@ def fit(cfg: Config, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = 
             stage = stage_at(stages, state.epoch)  # switch first, so its checkpoint holds the new stage
             run.close()
             run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
-        save(state)
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+        saved = save(state)
+        if on_epoch_end is not None:  # the row, and the checkpoint that holds this epoch's end
+            on_epoch_end({**row, "checkpoint": str(saved)})
 
     tracker.close()
     log = cfg.log

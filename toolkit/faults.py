@@ -5,6 +5,7 @@ Set through environment variables, read once per run; all are off unless set.
   TOOLKIT_FAULT_RAISE_AT_STEP=N[@RANK]   raise RuntimeError right after optimizer step N
   TOOLKIT_FAULT_NONFINITE_STEPS=A-B      make the loss NaN for optimizer steps A..B (1-based)
   TOOLKIT_FAULT_KILL_AT_SHARD=N[@RANK]   extraction: SIGKILL this process right after it wrote its Nth shard
+  TOOLKIT_FAULT_STEP_SLEEP=SECONDS       sleep after every optimizer step (a slow run, to interrupt)
 RANK defaults to every rank. Steps count optimizer updates over the whole run.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -38,6 +40,7 @@ class Faults:
     raise_: Optional[Tuple[int, Optional[int]]] = None
     nonfinite: Optional[Tuple[int, int]] = None
     kill_shard: Optional[Tuple[int, Optional[int]]] = None
+    step_sleep: float = 0.0
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -45,7 +48,8 @@ class Faults:
         return cls(kill=_at(env.get("TOOLKIT_FAULT_KILL_AT_STEP")),
                    raise_=_at(env.get("TOOLKIT_FAULT_RAISE_AT_STEP")),
                    nonfinite=_range(env.get("TOOLKIT_FAULT_NONFINITE_STEPS")),
-                   kill_shard=_at(env.get("TOOLKIT_FAULT_KILL_AT_SHARD")))
+                   kill_shard=_at(env.get("TOOLKIT_FAULT_KILL_AT_SHARD")),
+                   step_sleep=float(env.get("TOOLKIT_FAULT_STEP_SLEEP") or 0))
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """`step`: the 1-based optimizer step this micro-batch contributes to."""
@@ -54,6 +58,8 @@ class Faults:
         return loss
 
     def after_step(self, step: int, rank: int) -> None:
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         if self.kill and self.kill[0] == step and self.kill[1] in (None, rank):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.raise_ and self.raise_[0] == step and self.raise_[1] in (None, rank):

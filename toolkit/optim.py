@@ -11,6 +11,7 @@ needs, so one config shape serves every entry.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Iterable, List, Sequence
 
@@ -75,23 +76,51 @@ def adagrad(params: Iterable, lr: float, weight_decay: float = 0.0, eps: float =
 LRScheduler = torch.optim.lr_scheduler.LRScheduler
 
 
+class WarmupSteps:
+    """Linear warmup from 0 to the base lr over `warmup` updates, times gamma per milestone passed.
+
+    Milestones count updates from the start of the run (warmup included), as MultiStepLR's do."""
+
+    def __init__(self, warmup: int, milestones: Sequence[int], gamma: float):
+        self.warmup, self.milestones, self.gamma = warmup, sorted(milestones), gamma
+
+    def __call__(self, step: int) -> float:
+        rise = (step + 1) / self.warmup if step < self.warmup else 1.0
+        return rise * self.gamma ** bisect.bisect_right(self.milestones, step)
+
+
+def _stepped(optimizer, steps_per_epoch: int, warmup_epochs: float, milestones: Sequence[int],
+             gamma: float) -> LRScheduler:
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    updates = [m * steps_per_epoch for m in milestones]
+    if warmup == 0:  # the plain torch schedule (and its state_dict, which older runs saved)
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=updates, gamma=gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSteps(warmup, updates, gamma))
+
+
 @SCHEDULERS.register("multistep")
 def multistep(optimizer, steps_per_epoch: int, milestones: Sequence[int] = (), gamma: float = 0.1,
-              **_) -> LRScheduler:
-    """lr *= gamma at each milestone epoch."""
-    return torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[m * steps_per_epoch for m in milestones], gamma=gamma)
+              warmup_epochs: float = 0.0, **_) -> LRScheduler:
+    """lr *= gamma at each milestone epoch, after `warmup_epochs` of linear warmup."""
+    return _stepped(optimizer, steps_per_epoch, warmup_epochs, milestones, gamma)
 
 
 @SCHEDULERS.register("step")
-def step(optimizer, steps_per_epoch: int, step_size: int = 1, gamma: float = 0.1, **_) -> LRScheduler:
-    """lr *= gamma every `step_size` epochs."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
+def step(optimizer, steps_per_epoch: int, epochs: int = 1, step_size: int = 1, gamma: float = 0.1,
+         warmup_epochs: float = 0.0, **_) -> LRScheduler:
+    """lr *= gamma every `step_size` epochs, after `warmup_epochs` of linear warmup."""
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size * steps_per_epoch, gamma=gamma)
+    return _stepped(optimizer, steps_per_epoch, warmup_epochs,
+                    range(step_size, epochs + 1, step_size), gamma)
 
 
 @SCHEDULERS.register("constant")
-def constant(optimizer, **_) -> LRScheduler:
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+def constant(optimizer, steps_per_epoch: int = 1, warmup_epochs: float = 0.0, **_) -> LRScheduler:
+    """The base lr throughout, after `warmup_epochs` of linear warmup."""
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return _stepped(optimizer, steps_per_epoch, warmup_epochs, (), 1.0)
 
 
 class WarmupCosine:

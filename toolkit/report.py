@@ -291,7 +291,8 @@ def compare(run_dirs: Sequence[Path], out: Path) -> List[Path]:
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     images = [_save(fig, out / "compare.png")]
     table = []
     for run, label in zip(runs, labels):

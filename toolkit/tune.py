@@ -1,0 +1,649 @@
+"""Hyperparameter sweeps on Ray Tune: every trial is the engine of toolkit/train.py.
+
+    python -m toolkit.tune --space lr --config configs/digits_lenet.yaml
+    python -m toolkit.tune --space optimizer --config configs/digits_lenet.yaml --scheduler fifo train.epochs=5
+    python -m toolkit.tune --space lr --num-samples 16 --scheduler asha --max-concurrent 4
+    python -m toolkit.tune --space lr --workers-per-trial 2          # each trial a 2-process DDP job
+    python -m toolkit.tune --space lr --address auto                 # join a running Ray cluster
+    python -m toolkit.tune --resume --name NAME                      # finish a sweep whose driver died
+
+A space is a YAML file in configs/spaces/ (or a path): `grid:` values tried in every combination,
+`random:` distributions drawn `--num-samples` times (see configs/spaces/lr.yaml). The sweep
+directory SWEEP (sweeps/NAME) holds sweep.json (its settings), runs/TRIAL/ (each trial's run
+directory: metrics, TensorBoard, checkpoints, summary), results.csv, best.yaml (a config for
+toolkit/train.py), compare.png (every trial's curves), and tune/ (Ray Tune's own state).
+Exit codes: 0 every trial finished (or was stopped early by the scheduler), 1 a trial failed
+after its retries, 2 bad input (nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from toolkit.config import Config, hparams, load_config, to_yaml, with_flat
+from toolkit.errors import ConfigError, ToolkitError
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "configs" / "spaces"
+SCHEDULERS = ("asha", "fifo", "pbt")
+# What every epoch reports (engine.fit's row); log.test_every_epoch adds the test pair.
+EPOCH_METRICS = ("val_acc", "val_loss", "val_top5", "train_acc", "train_loss")
+TEST_METRICS = ("test_acc", "test_loss")
+# What population-based training may perturb: it continues another trial's optimizer state,
+# and these are the settings that can be changed on a live optimizer.
+PBT_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay")
+LOCK_WAIT_S = 120.0  # a trial waits this long for a leftover process to leave its run directory
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None}
+
+
+# ------------------------------------------------------------------------------------------
+# spaces
+
+
+@dataclass
+class Space:
+    name: str
+    grid: Dict[str, List[Any]] = field(default_factory=dict)
+    random: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> List[str]:
+        """The config keys it varies, a bundle's keys spelled out."""
+        out = []
+        for key, values in self.grid.items():
+            out += [f"{key}.{k}" for v in values for k in v] if "." not in key else [key]
+        return list(dict.fromkeys([*out, *self.random]))
+
+
+def expand(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A trial's values as config keys: a bundle {"optim": {"name": "adam", "lr": 0.001}}
+    becomes optim.name and optim.lr."""
+    out: Dict[str, Any] = {}
+    for key, value in flat.items():
+        if "." not in key and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def list_spaces() -> List[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+def load_space(name: str) -> Space:
+    """A space by name (configs/spaces/NAME.yaml) or by path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else SPACES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--space: unknown space {name!r}; choose one of: {', '.join(list_spaces())} "
+                          f"(or a YAML path)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"--space: {path} is not valid YAML") from None
+    if not isinstance(data, dict) or set(data) - {"grid", "random"} or not data:
+        raise ConfigError(f"--space: {path} must hold `grid:` and/or `random:` mappings")
+    grid, rand = data.get("grid") or {}, data.get("random") or {}
+    if not isinstance(grid, dict) or not isinstance(rand, dict):
+        raise ConfigError(f"--space: {path}: `grid:` and `random:` must map section.key to values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"--space: {path}: grid {key}: expected a non-empty list of values")
+        if "." not in key and not all(isinstance(v, dict) and v for v in values):
+            raise ConfigError(f"--space: {path}: grid {key}: a section name takes a list of mappings "
+                              f"(keys set together), else write section.key")
+    for key in rand:
+        if "." not in key:
+            raise ConfigError(f"--space: {path}: random {key}: expected section.key")
+    for key, spec in rand.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"--space: {path}: random {key}: expected one of "
+                              f"{', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
+        kind, args = next(iter(spec.items()))
+        want = DISTRIBUTIONS[kind]
+        if not isinstance(args, list) or (want and len(args) != want) or not args:
+            raise ConfigError(f"--space: {path}: random {key}: {kind} needs "
+                              f"{f'[low, high]' if want else 'a non-empty list'}")
+        if want and not (args[0] < args[1]) or kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"--space: {path}: random {key}: {kind} needs 0 < low < high, got {args}")
+    return Space(path.stem, grid, rand)
+
+
+def check_space(space: Space, cfg: Config, use: str) -> None:
+    """Every key is a tunable key of the config and every value gives a valid config."""
+    tunable = hparams(cfg)
+    for key in space.keys:
+        if key not in tunable:
+            close = difflib.get_close_matches(key, list(tunable), n=1)
+            hint = f"did you mean {close[0]}?" if close else "--print-space-keys lists them"
+            raise ConfigError(f"--space {space.name}: {key} is not a tunable config key; {hint}")
+    values: Dict[str, List[Any]] = {}
+    if use == "grid":
+        values = dict(space.grid)
+    for key, spec in space.random.items():
+        kind, args = next(iter(spec.items()))
+        values.setdefault(key, list(args) if kind == "choice" else [args[0], args[1]])
+    for key, vals in values.items():
+        for v in vals:
+            try:
+                with_flat(cfg, expand({key: v}))
+            except ConfigError as e:
+                raise ConfigError(f"--space {space.name}: {key}={v!r}: {e}") from None
+
+
+def search_mode(space: Space, num_samples: Optional[int]) -> str:
+    """grid unless --num-samples asks for draws from the space's random section (or it has no grid)."""
+    if not space.grid:
+        return "random"
+    return "random" if num_samples and space.random else "grid"
+
+
+def param_space(space: Space, mode: str) -> Dict[str, Any]:
+    from ray import tune
+
+    if mode == "grid":
+        return {k: tune.grid_search(v) for k, v in space.grid.items()}
+    out = {}
+    for key, spec in space.random.items():
+        kind, args = next(iter(spec.items()))
+        out[key] = (tune.choice(args) if kind == "choice" else tune.randint(args[0], args[1] + 1)
+                    if kind == "randint" else getattr(tune, kind)(args[0], args[1]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the sweep's settings (sweep.json): enough to resume it without the original command line
+
+
+@dataclass
+class Sweep:
+    name: str
+    dir: str
+    config: Optional[str]
+    overrides: List[str]
+    space: str
+    num_samples: Optional[int]
+    scheduler: str
+    metric: str
+    mode: str
+    max_concurrent: Optional[int]
+    cpus_per_trial: float
+    gpus_per_trial: float
+    workers_per_trial: int
+    max_failures: int
+    grace_period: int
+    perturbation_interval: int
+    seed: int
+
+    def base_config(self) -> Config:
+        return load_config(self.config, self.overrides)
+
+
+def trial_config(sweep: Sweep, flat: Dict[str, Any], run_dir: Path, resume: str) -> Config:
+    cfg = with_flat(sweep.base_config(), expand(flat))
+    return with_flat(cfg, {"run.dir": str(run_dir), "run.name": run_dir.name, "train.resume": resume,
+                           "log.progress": "none"})
+
+
+# ------------------------------------------------------------------------------------------
+# what runs inside a trial
+
+
+def _fault_once(resumed: bool) -> None:
+    """TOOLKIT_FAULT_TRIAL_RAISE_AT_STEP=N: the trial raises after step N on its first attempt
+    only (a retried trial resumes and must not fail again). For the tests."""
+    step = os.environ.get("TOOLKIT_FAULT_TRIAL_RAISE_AT_STEP")
+    if step and not resumed:
+        os.environ["TOOLKIT_FAULT_RAISE_AT_STEP"] = step
+    else:
+        os.environ.pop("TOOLKIT_FAULT_RAISE_AT_STEP", None)
+
+
+def _report_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_trial(flat: Dict[str, Any], sweep_json: str) -> None:
+    """Tune's function trainable: one engine run per trial, reporting every epoch."""
+    from ray import tune
+
+    sweep = Sweep(**json.loads(sweep_json))
+    run_dir = Path(sweep.dir) / "runs" / tune.get_context().get_trial_id()
+    donor = tune.get_checkpoint()  # PBT: another trial's state; otherwise this trial's own
+    # Without a Tune checkpoint the trial continues from its own run directory (a retry or a
+    # resumed sweep), so a checkpoint is never copied unless PBT needs one.
+    resume = donor.path if donor is not None else "auto"
+    from toolkit.engine import run_lock
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir, LOCK_WAIT_S):  # a process left by a killed driver has gone
+        finished = _read_json(run_dir / "summary.json")
+    if finished and donor is None:  # done before the driver died, after Tune last saved its state
+        tune.report(_final_row(_epoch_rows(run_dir)[-1:], finished))
+        return
+    resumed = donor is not None or (run_dir / "checkpoints").is_dir()
+    _fault_once(resumed)
+    cfg = trial_config(sweep, flat, run_dir, resume)
+    if sweep.workers_per_trial > 1:
+        _run_distributed(sweep, cfg, run_dir)
+        return
+    from toolkit.engine import fit
+
+    last: List[Dict[str, Any]] = []
+
+    def report(row: Dict[str, Any]) -> None:
+        if row["epoch"] == cfg.train.epochs:  # after the test, below: a scheduler that stops
+            last.append(row)                 # the trial at its last report cuts nothing short
+            return
+        ckpt = tune.Checkpoint.from_directory(row["checkpoint"]) if sweep.scheduler == "pbt" else None
+        tune.report(_report_row(row), checkpoint=ckpt)
+
+    # A resumed sweep may start a trial while the one its killed driver left is still exiting.
+    summary = fit(cfg, on_epoch_end=report, optim_from_config=sweep.scheduler == "pbt", lock_wait_s=LOCK_WAIT_S)
+    tune.report(_final_row(last, summary))
+
+
+def _final_row(last: List[Dict[str, Any]], summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The last epoch's row with the test result. A run resumed after its last epoch (its
+    driver died during the test) has no row left to report; the summary stands in."""
+    row = _report_row(last[0]) if last else {"epoch": summary["epochs"], "val_acc": summary["best_val_acc"]}
+    row.update(test_acc=summary["test_acc"], test_loss=summary["test_loss"], test_top5=summary["test_top5"])
+    return row
+
+
+def _worker_loop(loop_config: Dict[str, Any]) -> None:
+    """One DDP rank of a trial under Ray Train (Ray has formed the process group)."""
+    import ray.train
+
+    from toolkit.engine import fit
+
+    cfg = with_flat(load_config(None, []), loop_config["flat"])
+    last: List[Dict[str, Any]] = []
+
+    def report(row: Dict[str, Any]) -> None:
+        if row["epoch"] == cfg.train.epochs:
+            last.append(row)
+        else:
+            ray.train.report(_report_row(row))
+
+    summary = fit(cfg, on_epoch_end=report, lock_wait_s=LOCK_WAIT_S)
+    ray.train.report(_final_row(last, summary))
+
+
+def _run_distributed(sweep: Sweep, cfg: Config, run_dir: Path) -> None:
+    import uuid
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from toolkit.config import to_flat
+
+    use_gpu = sweep.gpus_per_trial > 0
+    resources = {"CPU": sweep.cpus_per_trial, **({"GPU": sweep.gpus_per_trial} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"flat": to_flat(cfg)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=sweep.workers_per_trial, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        # Each attempt is a fresh Ray Train run; the engine's run directory carries the state.
+        run_config=ray.train.RunConfig(name=f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
+                                       storage_path=str(Path(sweep.dir) / "train"),
+                                       callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------
+# the driver
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m toolkit.tune", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied to every trial")
+    p.add_argument("--config", "-c", help="base YAML config (configs/*.yaml)")
+    p.add_argument("--space", help=f"a space in configs/spaces/ ({', '.join(list_spaces())}) or a YAML path")
+    p.add_argument("--num-samples", type=int, help="draws from the space's random section (default: its grid)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="trial scheduler (default asha)")
+    p.add_argument("--metric", default="val_acc", help="what the scheduler and the ranking use (default val_acc)")
+    p.add_argument("--mode", choices=("max", "min"), help="default: min for *_loss, else max")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once (default: as resources allow)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (per worker with "
+                   "--workers-per-trial)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial or worker; fractions share a GPU")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP processes per trial (Ray Train)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")
+    p.add_argument("--grace-period", type=int, default=1, help="asha: epochs before a trial may be stopped")
+    p.add_argument("--perturbation-interval", type=int, default=2, help="pbt: epochs between exploit/explore")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random search and of PBT")
+    p.add_argument("--name", help="sweep name (default: CONFIG-SPACE-TIMESTAMP)")
+    p.add_argument("--storage", default="sweeps", help="where sweep directories go (default sweeps/)")
+    p.add_argument("--resume", action="store_true", help="finish the sweep --name (settings from its sweep.json)")
+    p.add_argument("--address", help="a running Ray cluster (host:port or auto); default: start a local one")
+    p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to offer (default: all)")
+    p.add_argument("--print-space-keys", action="store_true", help="list the tunable keys of --config and exit")
+    return p.parse_args(argv)
+
+
+def _metrics_reported(cfg: Config) -> List[str]:
+    return [*EPOCH_METRICS, *(TEST_METRICS if cfg.log.test_every_epoch else ())]
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return str(Path(path).absolute()) if path else path
+
+
+def _absolute_overrides(overrides: List[str]) -> List[str]:
+    """Paths given relative to the caller's directory, made absolute: trials run elsewhere."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in ("data.root", "model.pretrained") and value and value not in ("null", "None") and (
+                os.sep in value or Path(value).exists()):
+            value = _absolute(value)
+        out.append(f"{key}={value}")
+    return out
+
+
+def make_sweep(args: argparse.Namespace) -> Sweep:
+    """Everything checked before Ray starts: config, space, metric, scheduler, resources."""
+    overrides = _absolute_overrides(list(args.overrides))
+    for o in overrides:
+        if o.partition("=")[0].split(".")[0] == "run" or o.startswith("train.resume="):
+            raise ConfigError(f"override {o!r}: each trial sets run.* and train.resume itself")
+    cfg = load_config(args.config, overrides)
+    if args.space is None:
+        raise ConfigError(f"--space is required; choose one of: {', '.join(list_spaces())}")
+    space = load_space(args.space)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    mode_ = search_mode(space, args.num_samples)
+    check_space(space, cfg, mode_)
+    reported = _metrics_reported(cfg)
+    if args.metric not in reported:
+        raise ConfigError(f"--metric: {args.metric!r} is never reported; trials report: {', '.join(reported)}")
+    mode = args.mode or ("min" if args.metric.endswith("_loss") else "max")
+    for flag, value, low in (("--cpus-per-trial", args.cpus_per_trial, 0.0), ("--gpus-per-trial", args.gpus_per_trial, 0.0)):
+        if not (math.isfinite(value) and value >= low) or (flag == "--cpus-per-trial" and value <= 0):
+            raise ConfigError(f"{flag}: must be {'> 0' if flag == '--cpus-per-trial' else '>= 0'}, got {value}")
+    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
+        raise ConfigError(f"--gpus-per-trial: fractions must be below 1, got {args.gpus_per_trial}")
+    for flag, value in (("--workers-per-trial", args.workers_per_trial), ("--max-concurrent", args.max_concurrent),
+                        ("--grace-period", args.grace_period), ("--perturbation-interval", args.perturbation_interval)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if args.max_failures < 0:
+        raise ConfigError(f"--max-failures: must be >= 0, got {args.max_failures}")
+    if args.gpus_per_trial > 0 and not args.address:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g}: this machine has no CUDA GPU; "
+                              "use --gpus-per-trial 0 or --address a cluster with GPUs")
+    if args.gpus_per_trial == 0 and cfg.train.precision == "fp16":
+        raise ConfigError("config: train.precision: fp16 trials need --gpus-per-trial > 0")
+    if args.scheduler == "pbt":
+        bad = [k for k in space.random if k not in PBT_KEYS]
+        if not space.random or bad:
+            raise ConfigError(f"--scheduler pbt: the space's random section is what PBT perturbs and may hold "
+                              f"only {', '.join(PBT_KEYS)}; space {space.name} has "
+                              f"{', '.join(bad) if bad else 'no random section'}")
+        if args.workers_per_trial > 1 or cfg.train.stages:
+            raise ConfigError("--scheduler pbt: needs --workers-per-trial 1 and a single-stage config")
+    name = args.name or f"{Path(args.config).stem if args.config else 'default'}-{space.name}-" \
+                        f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if os.sep in name or name in ("", ".", ".."):
+        raise ConfigError(f"--name: must be a plain directory name, got {name!r}")
+    sweep_dir = Path(args.storage).absolute() / name
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise ConfigError(f"--name: {sweep_dir} already holds a sweep; finish it with --resume --name {name} "
+                          "or choose another --name")
+    return Sweep(name=name, dir=str(sweep_dir), config=_absolute(args.config), overrides=overrides,
+                 space=str(SPACES_DIR / f"{space.name}.yaml") if not args.space.endswith((".yaml", ".yml"))
+                 else _absolute(args.space), num_samples=args.num_samples, scheduler=args.scheduler,
+                 metric=args.metric, mode=mode, max_concurrent=args.max_concurrent,
+                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                 workers_per_trial=args.workers_per_trial, max_failures=args.max_failures,
+                 grace_period=args.grace_period, perturbation_interval=args.perturbation_interval, seed=args.seed)
+
+
+def load_sweep(args: argparse.Namespace) -> Sweep:
+    if not args.name:
+        raise ConfigError("--resume: name the sweep with --name")
+    path = Path(args.storage).absolute() / args.name / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no sweep at {path.parent} (no sweep.json)")
+    try:
+        sweep = Sweep(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--resume: {path} is unreadable: {e}") from None
+    sweep.base_config()  # the config file may have changed or gone since
+    if not (Path(sweep.dir) / "tune").is_dir():
+        raise ConfigError(f"--resume: {sweep.dir} has no Tune state (tune/); the sweep never started")
+    return sweep
+
+
+def _scheduler(sweep: Sweep, space: Space, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if sweep.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                             grace_period=min(sweep.grace_period, epochs), reduction_factor=2)
+    if sweep.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=sweep.perturbation_interval,
+                                       hyperparam_mutations=param_space(space, "random"))
+    return FIFOScheduler()
+
+
+def _start_ray(address: Optional[str], num_cpus: Optional[int], runtime_env: Dict[str, Any]) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        return
+    # A local instance listens on the loopback interface only, with no dashboard. Its workers
+    # run at normal priority: Ray's default (nice 15) starves trials behind any other process.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env=runtime_env, log_to_driver=False, configure_logging=True, logging_level="warning")
+
+
+def _check_cluster(sweep: Sweep) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpu = sweep.gpus_per_trial * sweep.workers_per_trial
+    if need_gpu > total.get("GPU", 0):
+        raise ConfigError(f"--gpus-per-trial {sweep.gpus_per_trial:g}: the Ray cluster has "
+                          f"{total.get('GPU', 0):g} GPU(s), a trial needs {need_gpu:g}")
+    need_cpu = sweep.cpus_per_trial * sweep.workers_per_trial
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(f"--cpus-per-trial {sweep.cpus_per_trial:g}: the Ray cluster has "
+                          f"{total.get('CPU', 0):g} CPU(s), a trial needs {need_cpu:g}")
+
+
+def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Optional[int]) -> int:
+    import ray
+    from ray import tune
+
+    sweep_dir = Path(sweep.dir)
+    space = load_space(sweep.space)
+    cfg = sweep.base_config()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _write_text(sweep_dir / "sweep.json", json.dumps(asdict(sweep), indent=1) + "\n")
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("TOOLKIT_FAULT_")})
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    _start_ray(address, num_cpus, {"env_vars": env})
+    try:
+        _check_cluster(sweep)
+        trainable = tune.with_parameters(run_trial, sweep_json=json.dumps(asdict(sweep)))
+        if sweep.workers_per_trial > 1:  # the trial itself only drives Ray Train's workers: it takes
+            # no CPU (Tune refuses an all-zero request, hence one byte of memory)
+            trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+        else:
+            trainable = tune.with_resources(trainable, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+        mode_ = search_mode(space, sweep.num_samples)
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(space, mode_),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(sweep, space, cfg.train.epochs),
+                    num_samples=(sweep.num_samples or 1) if mode_ == "grid" else (sweep.num_samples or 8),
+                    max_concurrent_trials=sweep.max_concurrent,
+                    search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                    trial_dirname_creator=lambda t: t.trial_id),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(sweep_dir), verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        wall = time.perf_counter() - t0
+        return summarize(sweep, grid, wall)
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------
+# the end of a sweep: table, results.csv, best.yaml, compare.png
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _epoch_rows(run_dir: Path) -> List[Dict[str, Any]]:
+    rows = []
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "epoch":
+                rows.append(rec)
+    except (OSError, ValueError):
+        pass
+    return rows
+
+
+def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
+    """One row per trial, from Tune's results and the trial's own run directory."""
+    keys = load_space(sweep.space).keys
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        run_dir = Path(sweep.dir) / "runs" / trial_id
+        summary = _read_json(run_dir / "summary.json")
+        epochs = _epoch_rows(run_dir)
+        values = [r[sweep.metric] for r in epochs if sweep.metric in r]
+        best = (max if sweep.mode == "max" else min)(values) if values else None
+        status = "error" if result.error else "done" if summary else "stopped"
+        row = {"trial": trial_id, "status": status,
+               **{k: expand(result.config or {}).get(k) for k in keys},
+               "epochs": len(epochs), sweep.metric: values[-1] if values else None, f"best_{sweep.metric}": best,
+               "test_acc": summary.get("test_acc"), "train_time_s": summary.get("train_time_s"),
+               "wall_s": summary.get("wall_s"), "run_dir": str(run_dir),
+               "error": str(result.error).strip().splitlines()[-1][:200] if result.error else ""}
+        row["_flat"] = expand(result.config or {})  # what the trial set (not a csv column)
+        rows.append(row)
+    sign = -1 if sweep.mode == "max" else 1
+    rows.sort(key=lambda r: (r[sweep.metric] is None, -r["epochs"], sign * (r[sweep.metric] or 0)))
+    return rows
+
+
+def summarize(sweep: Sweep, grid, wall_s: float) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from toolkit import report
+
+    sweep_dir = Path(sweep.dir)
+    rows = trial_rows(sweep, grid)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "_flat"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(sweep_dir / "results.csv", buf.getvalue())
+    keys = load_space(sweep.space).keys
+    table = Table(title=f"sweep {sweep.name}: {len(rows)} trials, {sweep.metric} ({sweep.mode}), {wall_s:.0f} s")
+    for col in ["trial", "status", *keys, "epochs", sweep.metric, "test_acc"]:
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for r in rows:
+        table.add_row(*[("-" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
+                        for c in ["trial", "status", *keys, "epochs", sweep.metric, "test_acc"]])
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    finished = [r for r in rows if r["status"] == "done" and r[sweep.metric] is not None]
+    if finished:
+        best = finished[0]
+        flat = best["_flat"]
+        cfg = with_flat(sweep.base_config(), {**flat, "run.name": f"{sweep.name}-best"})
+        text = (f"# Best trial {best['trial']} of sweep {sweep.name}: {sweep.metric} {best[sweep.metric]:.4g}, "
+                f"test_acc {best['test_acc']}\n# accelerate launch toolkit/train.py --config "
+                f"{sweep_dir / 'best.yaml'}\n" + to_yaml(cfg))
+        _write_text(sweep_dir / "best.yaml", text)
+        console.print(f"best: {best['trial']} ({', '.join(f'{k}={v}' for k, v in flat.items())}) -> "
+                      f"{sweep_dir / 'best.yaml'}")
+    runs = [Path(r["run_dir"]) for r in rows if (Path(r["run_dir"]) / "metrics.jsonl").is_file()]
+    if runs:
+        try:
+            report.compare(runs, sweep_dir)
+        except Exception as e:  # noqa: BLE001 (the results are written; a plot is not worth the exit code)
+            console.print(f"warning: compare.png not written: {e}")
+    console.print(f"results: {sweep_dir / 'results.csv'}; curves: {sweep_dir / 'compare.png'}; "
+                  f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}")
+    failed = [r for r in rows if r["status"] == "error"]
+    for r in failed:
+        console.print(f"error: trial {r['trial']} failed after {sweep.max_failures} retries: {r['error']}")
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(argv)
+    try:
+        if args.print_space_keys:
+            print("\n".join(hparams(load_config(args.config, _absolute_overrides(args.overrides)))))
+            return 0
+        sweep = load_sweep(args) if args.resume else make_sweep(args)
+        return run_sweep(sweep, args.resume, args.address, args.num_cpus)
+    except ToolkitError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"error: interrupted; finish the sweep with --resume --name {args.name or '<name>'}",
+              file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
