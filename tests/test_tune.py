@@ -157,6 +157,9 @@ def test_lr_sweep_with_asha_writes_results_best_yaml_and_curves(tmp_path):
         epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
                   if json.loads(x).get("kind") == "epoch"]
         assert len(epochs) == int(r["epochs"])
+    spans = sorted(((Path(r["run_dir"]) / "config.yaml").stat().st_mtime,
+                    (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime) for r in rows)
+    assert all(start >= end for (_, end), (start, _) in zip(spans, spans[1:])), "--max-concurrent 1 overlapped"
     assert (sweep / "compare.png").stat().st_size > 10_000 and "optim.lr" in proc.stdout
     best = rows[0]
     assert float(best["val_acc"]) == max(float(r["val_acc"]) for r in rows if r["status"] == "done")

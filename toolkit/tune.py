@@ -512,8 +512,8 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(sweep, space, cfg.train.epochs),
                     num_samples=(sweep.num_samples or 1) if mode_ == "grid" else (sweep.num_samples or 8),
-                    max_concurrent_trials=sweep.max_concurrent,
-                    search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                    # the generator takes the limit itself (TuneConfig's is not applied to it)
+                    search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent or 0),
                     trial_dirname_creator=lambda t: t.trial_id),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=1,
