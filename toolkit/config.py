@@ -125,6 +125,7 @@ class TrainConfig:
     deterministic: bool = True
     resume: str = "none"  # none | auto | path to a checkpoint directory
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    preempt_check_steps: int = 10  # how often the ranks agree on a stop request (SIGUSR1, RUN/.preempt, SIGTERM)
     keep_last: int = 2  # complete checkpoints kept on disk
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
     dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job after this
@@ -365,6 +366,7 @@ def validate(cfg: Config) -> None:
           f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     _need(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
+    _need(t.preempt_check_steps >= 1, "train.preempt_check_steps", f"must be >= 1, got {t.preempt_check_steps}")
     _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
           f"must be >= 0, got {t.checkpoint_every_steps}")
     _need(1 <= t.dist_timeout_s <= 7 * 86400, "train.dist_timeout_s",

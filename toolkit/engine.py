@@ -42,6 +42,7 @@ from toolkit.data.noise import flip_labels
 from toolkit.data.samplers import EpochSampler, PKSampler
 from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
 from toolkit.faults import Faults
+from toolkit.preempt import Preemption
 from toolkit.losses import LOSSES
 from toolkit.models import MODELS, apply_freeze, set_train_mode
 from toolkit.models.freeze import unwrap
@@ -624,12 +625,19 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         return checkpoint.save(accelerator, ckpt_root, st.step, dataclasses.asdict(st), config_yaml,
                                t.keep_last)
 
+    preempt = Preemption(accelerator, run_dir, t.preempt_check_steps)
+    stack.callback(preempt.close)
+
     def on_step(st: TrainState, sums: torch.Tensor, log_sums: torch.Tensor) -> None:
         every = t.checkpoint_every_steps
-        if every and st.step % every == 0 and st.batch < len(run.train_dl):
+        mid_epoch = st.batch < len(run.train_dl)  # (the last batch's checkpoint is the epoch's)
+        stop = preempt.requested(st.step) if mid_epoch else 0.0
+        if stop or (every and st.step % every == 0 and mid_epoch):
             both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
             st.epoch_sums, st.log_sums = both[:3], both[3:]
-            save(st)
+            saved = save(st)
+            if stop:
+                preempt.stop(stop, st, saved)
 
     faults = Faults.from_env()
     for epoch in range(state.epoch, t.epochs):
@@ -676,6 +684,10 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         saved = save(state)
         if on_epoch_end is not None:  # the row, and the checkpoint that holds this epoch's end
             on_epoch_end({**row, "checkpoint": str(saved)})
+        if state.epoch < t.epochs:
+            stop = preempt.requested()
+            if stop:
+                preempt.stop(stop, state, saved)
 
     tracker.close()
     log = cfg.log

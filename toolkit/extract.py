@@ -290,7 +290,9 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
 
     from toolkit import features as store
     from toolkit.data.collection import collate_items
+    from toolkit.errors import PreemptedError
     from toolkit.faults import Faults
+    from toolkit.preempt import Preemption
 
     e = cfg.extract
     if e.precision == "fp16" and not torch.cuda.is_available():
@@ -328,12 +330,13 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     if e.channels_last:
         extractor.to(memory_format=torch.channels_last)
     faults = Faults.from_env()
+    preempt = Preemption(accelerator, out)
     plan = _plan(n, e.shard_size, cfg.data.batch_size, todo)
     loader = DataLoader(source, batch_sampler=[b for _, b in plan], collate_fn=collate_items,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     last_batch = {k: j for j, (k, _) in enumerate(plan)}  # shard -> index of its last batch
     buf: Dict[str, list] = {"f": [], "i": [], "y": [], "bad": []}
-    t0, done_images, written = time.perf_counter(), 0, 0
+    t0, done_images, written, stop = time.perf_counter(), 0, 0, 0.0
     autocast = accelerator.autocast if e.precision != "no" else contextlib.nullcontext
     with torch.inference_mode():
         for j, (x, y, idx, bad) in enumerate(loader):
@@ -361,9 +364,21 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
                     print(f"extract: shard {k + 1}/{len(ranges)} written ({written}/{len(todo)} on rank 0, "
                           f"{rate:,.0f} img/s)", flush=True)
                 faults.after_shard(written, rank)
+                stop = preempt.seen_locally()
+                if stop:  # between shards: what is written stays, a rerun does the rest
+                    break
+    preempt.close()
     wall = time.perf_counter() - t0
-    counts = gather_object([(done_images, wall)]) if world > 1 else [(done_images, wall)]
+    counts = gather_object([(done_images, wall, stop)]) if world > 1 else [(done_images, wall, stop)]
     accelerator.wait_for_everyone()
+    stop = max(c[2] for c in counts)
+    if stop:
+        if main:
+            preempt.file.unlink(missing_ok=True)
+        accelerator.end_training()
+        why = "SIGTERM" if stop == Preemption.TERM else "a preemption request"
+        raise PreemptedError(f"stopped on {why}; the shards written so far are kept in {out}; rerun the same "
+                             "command to finish", 143 if stop == Preemption.TERM else 4)
     summary: Dict[str, Any] = {}
     if main:
         summary = finalize(out, source, len(ranges), model_record, cfg, counts, world)
@@ -399,8 +414,8 @@ def finalize(out: Path, source, num_shards: int, model_record: Dict[str, Any], c
     bad = [b for mk in markers for b in mk["bad"]]
     store.write_atomic_text(out / "bad_images.txt", "".join(f"{i}\t{p}\t{r}\n" for i, p, r in bad))
     dim = max((mk["dim"] for mk in markers), default=0)
-    images = sum(c for c, _ in counts)
-    wall = max((w for _, w in counts), default=0.0)
+    images = sum(c[0] for c in counts)
+    wall = max((c[1] for c in counts), default=0.0)
     meta = {"rows": int(len(index)), "dim": dim, "num_shards": num_shards, "shard_size": cfg.extract.shard_size,
             "num_images": len(source), "bad_images": len(bad), "class_names": source.class_names,
             "labelled": int((labels >= 0).sum()), "layer": cfg.extract.layer,
@@ -431,7 +446,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
-    from toolkit.errors import ToolkitError
+    from toolkit.errors import PreemptedError, ToolkitError
 
     try:
         cfg = load_extract_config(args.config, args.overrides)
@@ -441,6 +456,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
             return 0
         summary = extract(cfg)
+    except PreemptedError as e:  # not an error: what was written is kept
+        if rank == "0":
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -5,7 +5,8 @@
     python -m toolkit.train --config configs/digits_lenet.yaml train.epochs=3
 
 Overrides are `section.key=value`; see docs/quickstart.md for the sections. Exit codes:
-0 done, 1 runtime failure, 2 bad config or path, 3 too many non-finite losses.
+0 done, 1 runtime failure, 2 bad config or path, 3 too many non-finite losses, 4 stopped on a
+preemption request (SIGUSR1 or RUN/.preempt) after saving a checkpoint, 143 the same on SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rank = os.environ.get("RANK", "0")
     # Imported here so that `--help` and config errors answer fast.
     from toolkit.config import load_config, to_yaml
-    from toolkit.errors import ToolkitError
+    from toolkit.errors import PreemptedError, ToolkitError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,6 +42,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from toolkit.engine import fit
 
         summary = fit(cfg)
+    except PreemptedError as e:  # not an error: the run saved itself and can go on
+        if rank == "0":
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

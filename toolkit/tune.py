@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -228,9 +229,15 @@ def run_trial(flat: Dict[str, Any], sweep_json: str) -> None:
     resume = donor.path if donor is not None else "auto"
     from toolkit.engine import run_lock
 
+    import ray
+
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir, LOCK_WAIT_S):  # a process left by a killed driver has gone
         finished = _read_json(run_dir / "summary.json")
+        if not finished:
+            _write_text(run_dir / "trial.json", json.dumps({  # where it runs (the last attempt)
+                "trial_id": run_dir.name, "node_id": ray.get_runtime_context().get_node_id(),
+                "hostname": socket.gethostname(), "pid": os.getpid()}) + "\n")
     if finished and donor is None:  # done before the driver died, after Tune last saved its state
         tune.report(_final_row(_epoch_rows(run_dir)[-1:], finished))
         return
@@ -337,6 +344,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--address", help="a running Ray cluster (host:port or auto); default: start a local one")
     p.add_argument("--num-cpus", type=int, help="local Ray only: CPUs to offer (default: all)")
     p.add_argument("--print-space-keys", action="store_true", help="list the tunable keys of --config and exit")
+    p.add_argument("--check-only", action="store_true", help="check the inputs (exit 2 on a problem) and exit")
     return p.parse_args(argv)
 
 
@@ -572,7 +580,8 @@ def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
                **{k: expand(result.config or {}).get(k) for k in keys},
                "epochs": len(epochs), sweep.metric: values[-1] if values else None, f"best_{sweep.metric}": best,
                "test_acc": summary.get("test_acc"), "train_time_s": summary.get("train_time_s"),
-               "wall_s": summary.get("wall_s"), "run_dir": str(run_dir),
+               "wall_s": summary.get("wall_s"), "node": _read_json(run_dir / "trial.json").get("node_id", "")[:12],
+               "run_dir": str(run_dir),
                "error": str(result.error).strip().splitlines()[-1][:200] if result.error else ""}
         row["_flat"] = expand(result.config or {})  # what the trial set (not a csv column)
         rows.append(row)
@@ -635,6 +644,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("\n".join(hparams(load_config(args.config, _absolute_overrides(args.overrides)))))
             return 0
         sweep = load_sweep(args) if args.resume else make_sweep(args)
+        if args.check_only:
+            return 0
         return run_sweep(sweep, args.resume, args.address, args.num_cpus)
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

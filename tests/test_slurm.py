@@ -1,0 +1,151 @@
+"""The SLURM templates on a real local 2-node cluster (slurm/dev/cluster.sh), gloo on the CPU.
+
+The cluster needs slurm-wlm and munge (the script installs them as root through apt-get); where
+that cannot happen, these tests skip with the reason."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, ROOT, assert_same_weights, summary
+
+CLUSTER = ROOT / "slurm" / "dev" / "cluster.sh"
+TINY = ["data.limit=400", "train.epochs=3", "sched.milestones=[]", "log.plots=false", "log.progress=plain",
+        "train.preempt_check_steps=1"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "TOOLKIT_SLURM_DIR": str(state / "cluster"), "TOOLKIT_SLURM_PORT": "17300"}
+    up = subprocess.run(["bash", str(CLUSTER), "up", "--nodes", "2"], env=env, capture_output=True, text=True,
+                        timeout=600)
+    if up.returncode != 0:
+        pytest.skip(f"no local SLURM cluster: {(up.stderr or up.stdout).strip().splitlines()[-1:]}")
+    env["SLURM_CONF"] = str(state / "cluster" / "slurm.conf")
+    env.pop("TOOLKIT_FAULT_STEP_SLEEP", None)
+    yield env, state
+    subprocess.run(["bash", str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def sbatch(env, args, extra_env=None) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", *args], cwd=ROOT,
+                          env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job(env, jid) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", jid, "-o"], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_done(env, jid, timeout=300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job(env, jid)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", jid], env=env)
+    pytest.fail(f"job {jid} did not end in {timeout} s: {job(env, jid).get('JobState')}")
+
+
+def log(jid) -> str:
+    return (ROOT / f"toolkit-train-{jid}.out").read_text() if (ROOT / f"toolkit-train-{jid}.out").exists() else ""
+
+
+@pytest.fixture
+def logs():
+    made = []
+    yield made
+    for jid in made:  # the job logs land in the submit directory, as a user's would
+        for p in ROOT.glob(f"toolkit-*-{jid}.out"):
+            p.unlink()
+
+
+def test_two_nodes_train_with_world_size_2(cluster, logs, tmp_path):
+    env, _ = cluster
+    run = tmp_path / "run"
+    jid = sbatch(env, ["-N2", "slurm/train.sh", DEMO, *TINY, f"run.dir={run}"])
+    logs.append(jid)
+    info = wait_done(env, jid)
+    text = log(jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "toolkit: 2 machine(s), world size 2" in text and "2 process(es), MULTI_CPU" in text
+    s = summary(run)
+    assert s["world_size"] == 2 and s["epochs"] == 3
+    ref = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "toolkit.train", "--config", DEMO, *TINY,
+                          f"run.dir={tmp_path / 'one'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert abs(s["test_acc"] - summary(tmp_path / "one")["test_acc"]) <= 0.01
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(cluster, logs, tmp_path):
+    env, _ = cluster
+    ref = tmp_path / "ref"
+    jid = sbatch(env, ["-N2", "slurm/train.sh", DEMO, *TINY, f"run.dir={ref}"])
+    logs.append(jid)
+    assert wait_done(env, jid)["JobState"] == "COMPLETED", log(jid)[-3000:]
+
+    run = tmp_path / "run"
+    jid = sbatch(env, ["-N2", "slurm/train.sh", DEMO, *TINY, f"run.dir={run}"], {"TOOLKIT_FAULT_STEP_SLEEP": "0.3"})
+    logs.append(jid)
+    deadline = time.time() + 180
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count('"kind": "epoch"') >= 1):
+        assert time.time() < deadline, log(jid)[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=env, check=True)
+    info = wait_done(env, jid, timeout=400)
+    text = log(jid)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-4000:]
+    assert "SIGUSR1: checkpoint and requeue" in text and f"requeueing job {jid}" in text
+    assert "preempted: stopped on a preemption request" in text and "resumed from" in text
+    assert summary(run)["resumed_from"] is not None
+    assert_same_weights(run / "model.safetensors", ref / "model.safetensors")
+
+
+def test_two_node_extraction_equals_one_process(cluster, logs, tmp_path):
+    import torch
+
+    from toolkit.features import load_features
+
+    env, _ = cluster
+    args = ["data.name=digits", "data.split=test", "model.name=lenet", "extract.shard_size=40"]
+    extract = ROOT / "configs" / "extract_digits.yaml"
+    jid = sbatch(env, ["-N2", "slurm/extract.sh", str(extract), *args, f"run.dir={tmp_path / 'two'}"])
+    logs.append(jid)
+    info = wait_done(env, jid)
+    text = (ROOT / f"toolkit-extract-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert "world size 2" in text and "2 process(es)" in text
+    one = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "toolkit.extract", "--config", str(extract), *args,
+                          f"run.dir={tmp_path / 'one'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = load_features(tmp_path / "one" / "features"), load_features(tmp_path / "two" / "features")
+    assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels) and len(a.index) == 360
+    assert torch.allclose(a.features, b.features, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,extra_env,needle", [
+    (["slurm/train.sh", "configs/nope.yaml"], {}, "error: --config: no such file: configs/nope.yaml"),
+    (["slurm/train.sh", DEMO, "optim.lrr=1"], {}, "error: config: optim.lrr"),
+    (["slurm/train.sh", DEMO], {"GPUS_PER_NODE": "1"}, "error: GPUS_PER_NODE=1 but"),
+    (["slurm/extract.sh", "configs/extract_digits.yaml", "extract.layerr=x"], {}, "extract.layerr"),
+])
+def test_bad_input_fails_fast_without_requeue(cluster, logs, args, extra_env, needle):
+    env, _ = cluster
+    jid = sbatch(env, ["-N1", *args], extra_env)
+    logs.append(jid)
+    info = wait_done(env, jid, timeout=120)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
+    text = "".join(p.read_text() for p in ROOT.glob(f"toolkit-*-{jid}.out"))
+    assert needle in text, text[-2000:]
