@@ -271,3 +271,14 @@ def _space(tmp_path: Path, lrs) -> Path:
     path = tmp_path / "lrs.yaml"
     path.write_text(f"grid:\n  optim.lr: {list(lrs)}\n")
     return path
+
+
+def test_check_only_validates_and_starts_nothing(tmp_path, capsys):
+    import ray
+
+    from toolkit.tune import main
+
+    assert main(["--storage", str(tmp_path / "sweeps"), "--config", DEMO, "--space", "lr", "--check-only"]) == 0
+    assert main(["--storage", str(tmp_path / "sweeps"), "--config", DEMO, "--space", "lr", "--metric", "f1",
+                 "--check-only"]) == 2
+    assert not ray.is_initialized() and not (tmp_path / "sweeps").exists()

@@ -464,11 +464,14 @@ def _start_ray(address: Optional[str], num_cpus: Optional[int], runtime_env: Dic
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return
-    # A local instance listens on the loopback interface only, with no dashboard. Its workers
-    # run at normal priority: Ray's default (nice 15) starves trials behind any other process.
+    # A local instance starts no dashboard. Ray 2.60's own services (GCS, raylet, workers) listen
+    # on every interface and accept only clients holding the cluster's token (token auth is on
+    # by default since Ray 2.59); Ray has no option to confine them to the loopback interface
+    # (it rewrites a 127.0.0.1 node address to the external one). Workers run at normal
+    # priority: Ray's default (nice 15) starves trials behind any other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=runtime_env, log_to_driver=False, configure_logging=True, logging_level="warning")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
+             configure_logging=True, logging_level="warning")
 
 
 def _check_cluster(sweep: Sweep) -> None:

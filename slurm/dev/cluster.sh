@@ -77,7 +77,8 @@ start_munge() {
   [ -s /etc/munge/munge.key ] || as_root mungekey --create 2>/dev/null || as_root create-munge-key -f 2>/dev/null || true
   as_root mkdir -p /run/munge
   as_root munged --force
-  pgrep -x munged >"$DIR/run/munged.pid"
+  for _ in $(seq 1 40); do pgrep -x munged >"$DIR/run/munged.pid" && return 0; sleep 0.1; done
+  die "munged did not start"
 }
 
 up() {
