@@ -5,6 +5,7 @@ that cannot happen, these tests skip with the reason."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -149,3 +150,99 @@ def test_bad_input_fails_fast_without_requeue(cluster, logs, args, extra_env, ne
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
     text = "".join(p.read_text() for p in ROOT.glob(f"toolkit-*-{jid}.out"))
     assert needle in text, text[-2000:]
+
+
+# ------------------------------------------------------------------------------------------
+# slurm/sweep.sh: a Ray cluster inside the allocation, then toolkit.tune against it
+
+SWEEP = ["--space", "lr", "--num-samples", "2", "--scheduler", "fifo", "--cpus-per-trial", "1", "--config", DEMO]
+SWEEP_TINY = ["data.limit=300", "sched.milestones=[]", "log.plots=false", "log.progress=plain"]
+
+
+def sweep_log(jid) -> str:
+    path = ROOT / f"toolkit-sweep-{jid}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def ray_left(jid) -> list:
+    """What is left of job JID's Ray on this host: processes that carry the mark sweep.sh exports to
+    everything it starts (TOOLKIT_SWEEP_JOB), or whose command line names the job's Ray temp dirs,
+    and those temp dirs (environ is readable for the user's own processes: the jobs run as that user)."""
+    left = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"TOOLKIT_SWEEP_JOB={jid}".encode() in env or f"/ray-{jid}-" in cmd:
+            left.append(f"{proc.name}: {cmd[:150]}")
+    return left + [str(p) for p in Path("/tmp").glob(f"ray-{jid}-*")]
+
+
+def assert_no_ray_left(jid, timeout=20):
+    deadline = time.time() + timeout  # the job has ended; Ray's workers may take a moment to see their raylet go
+    while (left := ray_left(jid)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
+def test_two_node_sweep_runs_trials_on_both_nodes_and_leaves_no_ray_behind(cluster, logs, tmp_path):
+    env, _ = cluster
+    jid = sbatch(env, ["-N2", "slurm/sweep.sh", *SWEEP, "--storage", str(tmp_path / "sweeps"), *SWEEP_TINY,
+                       "train.epochs=1"])
+    logs.append(jid)
+    info = wait_done(env, jid, timeout=240)
+    text = sweep_log(jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
+    assert "2 node(s), 2 CPU(s), 0 GPU(s)" in text and "Ray on" not in text, text[-4000:]
+    with open(tmp_path / "sweeps" / f"sweep-{jid}" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == "1" for r in rows), rows
+    # one CPU per node and per trial: the two trials ran at once, one on each Ray node
+    assert len({r["node"] for r in rows}) == 2 and all(r["node"] for r in rows), rows
+    assert_no_ray_left(jid)
+
+
+def test_a_cancelled_sweep_stops_ray_on_every_node_and_resumes(cluster, logs, tmp_path):
+    env, _ = cluster
+    storage = tmp_path / "sweeps"
+    jid = sbatch(env, ["-N2", "slurm/sweep.sh", *SWEEP, "--storage", str(storage), *SWEEP_TINY, "train.epochs=3"],
+                 {"TOOLKIT_FAULT_STEP_SLEEP": "0.3"})
+    logs.append(jid)
+    runs = storage / f"sweep-{jid}" / "runs"
+    deadline = time.time() + 180
+    while len(list(runs.glob("*/trial.json"))) < 2:  # both trials running, one per node
+        state = job(env, jid).get("JobState")
+        assert time.time() < deadline and state in ("PENDING", "RUNNING"), sweep_log(jid)[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", jid], env=env, check=True)
+    info = wait_done(env, jid, timeout=120)
+    assert info["JobState"] == "CANCELLED", sweep_log(jid)[-3000:]
+    assert_no_ray_left(jid)
+
+    again = sbatch(env, ["-N2", "slurm/sweep.sh", "--resume", "--name", f"sweep-{jid}", "--storage", str(storage)])
+    logs.append(again)
+    info = wait_done(env, again, timeout=240)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", sweep_log(again)[-4000:]
+    with open(storage / f"sweep-{jid}" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == "3" for r in rows), rows
+    assert_no_ray_left(again)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--space", "nope", "--config", DEMO], "error: --space: unknown space 'nope'; choose one of: "),
+    (["--space", "lr", "--config", DEMO, "optim.lrr=0.1"], "error: config: optim.lrr"),
+    (["--space", "lr", "--address", "auto"], "error: --address: slurm/sweep.sh sets up the Ray cluster itself"),
+    ([], "error: usage: sbatch [-N NODES] slurm/sweep.sh --space NAME"),
+])
+def test_sweep_bad_input_fails_fast_in_one_line_without_requeue(cluster, logs, args, needle):
+    env, _ = cluster
+    jid = sbatch(env, ["-N2", "slurm/sweep.sh", *args])
+    logs.append(jid)
+    info = wait_done(env, jid, timeout=120)
+    text = sweep_log(jid)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", text
+    assert text.strip().startswith(needle) and len(text.strip().splitlines()) == 1, text
+    assert not ray_left(jid)
