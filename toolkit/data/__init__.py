@@ -8,6 +8,6 @@ from toolkit.registry import Registry
 
 DATASETS = Registry("dataset")
 
-from toolkit.data import cifar, digits, imagefolder, synthetic  # noqa: E402,F401  (register entries)
+from toolkit.data import cifar, digits, imagefolder, prepared, synthetic  # noqa: E402,F401  (register entries)
 
 __all__ = ["DATASETS", "Splits", "TensorImageDataset", "collate_batch"]
