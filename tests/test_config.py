@@ -436,3 +436,11 @@ def test_to_yaml_defaults_reload(tmp_path):
     out = tmp_path / "d.yaml"
     out.write_text(to_yaml(Config()))
     assert load_config(str(out)) == Config()
+
+
+def test_precision_no_survives_yaml_1_1_booleans(tmp_path):
+    """`no` is YAML 1.1's false: `train.precision=no` and `precision: no` must still mean fp32."""
+    assert load_config(None, ["train.precision=no"]).train.precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  precision: no\n")
+    assert load_config(str(f)).train.precision == "no"

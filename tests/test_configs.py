@@ -75,6 +75,10 @@ def test_config_trains_one_smoke_epoch(path, tmp_path):
                  "model.num_classes=35"]
     else:
         pytest.fail(f"no smoke data for dataset {name!r}: add it here")
+    if cfg.data.batch_size > 64:  # the smoke splits are small (180 CIFAR training images)
+        args += ["data.batch_size=64", "data.eval_batch_size=64"]
+    if cfg.train.compile:  # minutes of inductor compilation on a CPU; tests/test_gpu.py compiles on a GPU
+        args += ["train.compile=false"]
     if cfg.model.pretrained:
         # ImageNet weights cannot be fetched here; loading them is tested in test_models_zoo
         # (hub cache and state-dict files). The smoke run checks the rest of the config.

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import DEMO, launch, ok, summary, train
+from conftest import DEMO, assert_same_weights, launch, ok, summary, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,3 +41,25 @@ def test_deepspeed_zero_one_gpu(tmp_path, stage):
               timeout=900))
     s = summary(run)
     assert s["distributed_type"] == "DEEPSPEED" and s["num_test_samples"] == 360
+
+
+@cuda
+@pytest.mark.gpu
+def test_device_loader_is_chosen_on_the_gpu_and_matches_the_dataloader(tmp_path):
+    """auto puts the digits on the GPU; the batches (and so the weights) are those of the
+    DataLoader path, which normalises on the CPU and copies each batch over."""
+    args = ["--config", DEMO, "train.epochs=2", "sched.milestones=[]", "log.plots=false", "log.tensorboard=false"]
+    ok(train([*args, f"run.dir={tmp_path / 'dev'}"]))
+    ok(train([*args, f"run.dir={tmp_path / 'dl'}", "data.loader=dataloader"]))
+    assert summary(tmp_path / "dev")["loader"] == "device" and summary(tmp_path / "dl")["loader"] == "dataloader"
+    assert_same_weights(tmp_path / "dev" / "model.safetensors", tmp_path / "dl" / "model.safetensors")
+
+
+@cuda
+@pytest.mark.gpu
+def test_ema_and_flip_tta_under_bf16_on_one_gpu(tmp_path):
+    run = tmp_path / "run"
+    ok(train(["--config", DEMO, f"run.dir={run}", "train.precision=bf16", "train.channels_last=true",
+              "train.ema_decay=0.99", "train.tta=flip", "data.augment=flip_crop", "log.plots=false"]))
+    s = summary(run)
+    assert s["ema_decay"] == 0.99 and s["tta"] == "flip" and s["test_acc"] >= 0.9

@@ -24,7 +24,7 @@ from toolkit.models.weights import check_pretrained
 from toolkit.optim import param_groups
 
 TORCHVISION = ["mobilenet_v3_small", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn"]
-OWN = ["base_cnn", "lenet", "res_basic", "res_bottleneck", "resnet18_cifar", "simple_cnn",
+OWN = ["base_cnn", "lenet", "res_basic", "res_bottleneck", "resnet18_cifar", "resnet9", "simple_cnn",
        "vgg16_bn_cifar"]
 R18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
 R18_FILE = os.path.basename(R18_URL)  # resnet18-f37072fd.pth

@@ -266,3 +266,14 @@ def test_print_config_shows_the_resolved_config():
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["optim"]["lr"] == 0.2 and cfg["run"]["name"] == "digits_lenet"
     assert json.dumps(cfg)  # plain data only
+
+
+@pytest.mark.slow
+def test_compile_with_the_feature_plots_and_ema_on_cpu(tmp_path):
+    """torch.compile does not run hooks added after tracing: the feature tap of the final
+    evaluation must still see the penultimate features (and the EMA copy is not compiled)."""
+    run = tmp_path / "run"
+    ok(train(["--config", DEMO, f"run.dir={run}", "train.compile=true", "train.epochs=1", "sched.milestones=[]",
+              "train.ema_decay=0.9", "log.tensorboard=false"], timeout=900))
+    assert (run / "embeddings.safetensors").is_file() and (run / "embedding_pca.png").is_file()
+    assert summary(run)["num_test_samples"] == 360

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from safetensors.torch import save_file
+
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
 PREFIX = "step_"
@@ -99,8 +101,11 @@ def read_state(path: Path) -> Dict[str, Any]:
 
 
 def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml: str,
-         keep_last: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint directory."""
+         keep_last: int, extra: Optional[Dict[str, Dict[str, Any]]] = None) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint directory.
+
+    extra: {file name: {name: tensor}} written by rank 0 as safetensors beside Accelerate's
+    state (the EMA weights), covered by the completion marker like every other file."""
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
     if accelerator.is_main_process:
@@ -112,6 +117,8 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
     if accelerator.is_main_process:
         _write_atomic(tmp / STATE, json.dumps(state, indent=1))
         _write_atomic(tmp / "config.yaml", config_yaml)
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
         files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))

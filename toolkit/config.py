@@ -42,6 +42,7 @@ class DataConfig:
     batch_size: int = 64  # global: split across processes, so results do not depend on world size
     eval_batch_size: int = 256  # global
     num_workers: int = 0
+    loader: str = "auto"  # auto | device (training set gathered on the device) | dataloader
     drop_last: bool = True  # training only; keeps every step's global batch full
     split_seed: int = 0  # fixed split, independent of run.seed
     limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
@@ -122,6 +123,8 @@ class TrainConfig:
     precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
     compile: bool = False
     channels_last: bool = False
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
+    tta: str = "none"  # none | flip: evaluation averages the logits of each image and its mirror image
     deterministic: bool = True
     resume: str = "none"  # none | auto | path to a checkpoint directory
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
@@ -197,9 +200,11 @@ def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
 def _parse_overrides(overrides: Iterable[str]) -> List[str]:
     out = []
     for o in overrides:
-        key, sep, _ = o.partition("=")
+        key, sep, value = o.partition("=")
         if not sep or not key or "." not in key:
             raise ConfigError(f"override {o!r} must look like section.key=value")
+        if key == "train.precision" and value.strip().lower() == "no":
+            o = "train.precision='no'"  # YAML 1.1 would read a bare `no` as false
         out.append(o)
     return out
 
@@ -209,6 +214,9 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) ->
     layers = []
     if path is not None:
         data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
+        train = data.get("train")
+        if isinstance(train, dict) and train.get("precision") is False:  # `precision: no`, read by YAML 1.1
+            train["precision"] = "no"
         data.setdefault("run", {})
         if isinstance(data["run"], dict):
             data["run"].setdefault("name", Path(path).stem)
@@ -347,6 +355,8 @@ def validate(cfg: Config) -> None:
           f"unknown distance {cfg.loss.distance!r}; choose one of: cosine, euclidean")
     _need(cfg.loss.margin >= 0, "loss.margin", f"must be >= 0, got {cfg.loss.margin}")
     _need(cfg.loss.ce_weight >= 0, "loss.ce_weight", f"must be >= 0, got {cfg.loss.ce_weight}")
+    _need(d.loader in ("auto", "device", "dataloader"), "data.loader",
+          f"unknown loader {d.loader!r}; choose one of: auto, dataloader, device")
     _need(d.sampler in ("random", "pk"), "data.sampler",
           f"unknown sampler {d.sampler!r}; choose one of: pk, random")
     _need(d.pk_k >= 2, "data.pk_k", f"must be >= 2, got {d.pk_k}")
@@ -364,6 +374,8 @@ def validate(cfg: Config) -> None:
           f"must be > 0 or null, got {t.clip_grad_norm}")
     _need(t.precision in PRECISIONS, "train.precision",
           f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
+    _need(t.tta in ("none", "flip"), "train.tta", f"unknown mode {t.tta!r}; choose one of: flip, none")
     _need(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     _need(t.preempt_check_steps >= 1, "train.preempt_check_steps", f"must be >= 1, got {t.preempt_check_steps}")

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
 from torch import nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
@@ -37,9 +37,11 @@ from toolkit import checkpoint
 from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
+from toolkit.data.device_loader import DeviceLoader, device_loader_reason
 from toolkit.data.mix import BatchMix
 from toolkit.data.noise import flip_labels
 from toolkit.data.samplers import EpochSampler, PKSampler
+from toolkit.ema import ModelEma
 from toolkit.errors import ConfigError, NonFiniteLossError, ToolkitError
 from toolkit.faults import Faults
 from toolkit.preempt import Preemption
@@ -200,8 +202,10 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 accelerator: Accelerator, state: TrainState, tracker: Tracker, *,
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
-                tap: Optional[FeatureTap] = None, mix: Optional[Callable] = None, on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
-    """One pass over `loader` (already positioned past `state.batch` batches).
+                tap: Optional[FeatureTap] = None, mix: Optional[Callable] = None, ema: Optional[ModelEma] = None,
+                on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
+    """One pass over `loader` (already positioned past `state.batch` batches). `ema`, when given,
+    is updated after every optimizer step.
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
     """
@@ -266,6 +270,8 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
+        if ema is not None:
+            ema.update(unwrap(model))
         state.step += 1
         now = time.perf_counter()
         state.train_time_s += now - t_last
@@ -290,12 +296,14 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accelerator,
              num_classes: int, channels_last: bool = False, tap: Optional[FeatureTap] = None,
-             keep: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+             keep: Optional[torch.Tensor] = None, tta: str = "none") -> Dict[str, Any]:
     """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
     sample counts once. Each rank updates its metrics with the gathered batch (no metric sync).
 
     keep: sorted positions in the split whose penultimate features (and labels) to return, as
-    "features" (n, D) and "labels" (n,) on the CPU, for the feature plots."""
+    "features" (n, D) and "labels" (n,) on the CPU, for the feature plots.
+    tta="flip": logits are the mean of the image's and its mirror image's; the features are the
+    image's own (the mirror is run first, so the tap holds the original's)."""
     model.eval()
     device = accelerator.device
     kw = dict(num_classes=num_classes, sync_on_compute=False)
@@ -306,6 +314,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     own_tap = FeatureTap(model) if keep is not None and tap is None else None
     feature_tap = tap or own_tap
+    # A compiled forward does not run hooks added after it was traced (torch.compile guards
+    # skip module hooks): when the features are tapped, evaluate through the plain module.
+    forward = unwrap(model) if feature_tap is not None else model
     kept_f: List[torch.Tensor] = []
     kept_y: List[torch.Tensor] = []
     count = 0
@@ -314,7 +325,10 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
-                logits = model(x)
+                mirrored = forward(x.flip(3)) if tta == "flip" else None
+                logits = forward(x)  # (B, C)
+            if mirrored is not None:
+                logits = (logits.float() + mirrored.float()) / 2
             if feature_tap is None:
                 logits, y = accelerator.gather_for_metrics((logits.float(), y))  # (N_batch, C), (N_batch,)
                 feats = None
@@ -413,6 +427,23 @@ def _load_resume(accelerator: Accelerator, path: Path, ckpt_root: Path, tracker:
     return state
 
 
+EMA_FILE = "ema.safetensors"
+
+
+def _load_ema(ema: ModelEma, raw_model: nn.Module, path: Path, tracker: Tracker) -> None:
+    """The checkpoint's weight average; a checkpoint saved without one (EMA switched on for the
+    rest of a run) starts the average from its weights."""
+    f = path / EMA_FILE
+    if not f.is_file():
+        ema.module.load_state_dict(unwrap(raw_model).state_dict())
+        tracker.print(f"{path.name} has no {EMA_FILE}: the weight average starts from its weights")
+        return
+    try:
+        ema.load_state_dict(load_file(str(f), device=str(next(ema.module.parameters()).device)))
+    except Exception as e:  # verified by its checksum, so a different model or an older format
+        raise ToolkitError(f"cannot resume from {path}: {EMA_FILE}: {str(e).splitlines()[0]}") from None
+
+
 def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
     """Put `o`'s lr, momentum and weight decay on a loaded optimizer without restarting its
     schedule: every lr the schedule keeps (current, initial, peak, floor) is scaled by
@@ -431,13 +462,29 @@ def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def choose_loader(mode: str, train_set, accelerator: Accelerator) -> str:
+    """`data.loader` -> "device" or "dataloader". `auto` picks the device-resident loader when the
+    training set is held in memory and fits (toolkit/data/device_loader.py); DeepSpeed takes its
+    micro-batch size from the prepared training DataLoader, so it keeps the DataLoader."""
+    if mode == "dataloader":
+        return mode
+    reason = device_loader_reason(train_set, accelerator.device)
+    if reason is None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        reason = "DeepSpeed reads its micro-batch size from the prepared training DataLoader"
+    if reason is None:
+        return "device"
+    if mode == "device":
+        raise ConfigError(f"config: data.loader: device: {reason}; use data.loader=auto or dataloader")
+    return "dataloader"
+
+
 class _StageRun:
     """What one stage trains with: freeze mode, loss, optimizer, schedule, loaders, augmentation,
     all prepared by Accelerate. A new stage is a new _StageRun on the same plain model: what is
     trainable changes, so DDP must be re-wrapped and the optimizer rebuilt."""
 
     def __init__(self, accelerator: Accelerator, raw_model: nn.Module, splits, stage: Stage, seed: int,
-                 num_classes: int):
+                 num_classes: int, loader_kind: str, ema: Optional[ModelEma] = None):
         c, d, t = stage.cfg, stage.cfg.data, stage.cfg.train
         self.accelerator = accelerator
         apply_freeze(raw_model, c.model.freeze)  # before the optimizer and DDP see the parameters
@@ -452,14 +499,25 @@ class _StageRun:
         train_dl, val_dl, test_dl, self.sampler = make_loaders(
             splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, seed,
             accelerator.num_processes, d.sampler, d.pk_k)
-        self.model, self.optimizer, self.train_dl, self.val_dl, self.test_dl = accelerator.prepare(
-            raw_model, optimizer, train_dl, val_dl, test_dl)
+        self.loader = loader_kind  # "device" | "dataloader"
+        if loader_kind == "device":
+            self.model, self.optimizer, self.val_dl, self.test_dl = accelerator.prepare(
+                raw_model, optimizer, val_dl, test_dl)
+            self.train_dl = DeviceLoader(splits.train, self.sampler, d.batch_size, train_dl.drop_last,
+                                         accelerator.device, accelerator.process_index,
+                                         accelerator.num_processes, accelerator.gradient_state)
+        else:
+            self.model, self.optimizer, self.train_dl, self.val_dl, self.test_dl = accelerator.prepare(
+                raw_model, optimizer, train_dl, val_dl, test_dl)
         self.steps_per_epoch = math.ceil(len(self.train_dl) / t.grad_accum_steps)
         sched_kw = {k: v for k, v in dataclasses.asdict(c.sched).items() if k != "name"}
         scheduler = SCHEDULERS.build(c.sched.name, optimizer=self.optimizer, steps_per_epoch=self.steps_per_epoch,
                                      epochs=t.epochs, **sched_kw)
         self.scheduler = accelerator.prepare(scheduler)
         self.tap = FeatureTap(self.model) if getattr(self.criterion, "needs_features", False) else None
+        # What validation and test run: the weights' moving average when train.ema_decay > 0.
+        self.eval_model = self.model if ema is None else ema.module
+        self.eval_tap = self.tap if ema is None or self.tap is None else FeatureTap(ema.module)
         stats = {k: splits.meta[k] for k in ("mean", "std", "image_size") if k in splits.meta}
         self.augment = AUGMENTS.build(d.augment, **stats)
         self.mix = (BatchMix(d.mixup_alpha, d.cutmix_alpha, num_classes)
@@ -469,6 +527,8 @@ class _StageRun:
         """Release the wrappers so the plain model can be prepared again for the next stage."""
         if self.tap is not None:
             self.tap.remove()
+        if self.eval_tap is not None and self.eval_tap is not self.tap:
+            self.eval_tap.remove()
         self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
         self.accelerator.free_memory()
         self.model = self.optimizer = self.scheduler = None
@@ -579,6 +639,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
                         "num_train": len(labels), "index": changed.tolist(),
                         "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
         splits.train.labels = noisy
+    loader_kind = choose_loader(d.loader, splits.train, accelerator)
     # The run directory appears only once the data has loaded: a bad dataset leaves nothing behind.
     stages = resolve_stages(cfg)
     if len(stages) > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -602,9 +663,16 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     state = TrainState(**checkpoint.read_state(resume_path)) if resume_path else TrainState()
     # A checkpoint holds the optimizer and schedule of the stage its next epoch belongs to.
     stage = stage_at(stages, state.epoch)
-    run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
+    if t.ema_decay > 0 and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("config: train.ema_decay: the weight average needs whole parameters on every rank, "
+                          "which DeepSpeed's ZeRO shards; use DDP for EMA runs")
+    # The average is copied from the model on its device (Accelerate moves the model there).
+    ema = ModelEma(raw_model.to(accelerator.device), t.ema_decay) if t.ema_decay > 0 else None
+    run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes, loader_kind, ema)
     if resume_path is not None:
         state = _load_resume(accelerator, resume_path, ckpt_root, tracker)
+        if ema is not None:
+            _load_ema(ema, raw_model, resume_path, tracker)
         if optim_from_config:
             saved_lr = float(yaml.safe_load((resume_path / "config.yaml").read_text())["optim"]["lr"])
             apply_optim_hparams(run.optimizer, run.scheduler, stage.cfg.optim, saved_lr)
@@ -618,12 +686,12 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     tracker.print(f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {run.num_trainable:,} trained) on {d.name} "
                   f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
                   f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                  f"device {accelerator.device}, precision {t.precision}"
+                  f"device {accelerator.device}, precision {t.precision}, loader {run.loader}"
                   + (f", {len(stages)} stages" if len(stages) > 1 else ""))
 
     def save(st: TrainState) -> Path:
         return checkpoint.save(accelerator, ckpt_root, st.step, dataclasses.asdict(st), config_yaml,
-                               t.keep_last)
+                               t.keep_last, extra={EMA_FILE: ema.state_dict()} if ema is not None else None)
 
     preempt = Preemption(accelerator, run_dir, t.preempt_check_steps)
     stack.callback(preempt.close)
@@ -649,7 +717,9 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         run.sampler.set_epoch(epoch)
         run.train_dl.set_epoch(epoch)
         loader = run.train_dl
-        if state.batch > 0:
+        if isinstance(loader, DeviceLoader):
+            loader = loader.iterate(state.batch)  # mid-epoch resume: the epoch's order from batch k
+        elif state.batch > 0:
             loader = accelerator.skip_first_batches(run.train_dl, state.batch)
             loader.set_epoch(epoch)
         tracker.start_epoch(epoch, t.epochs, run.steps_per_epoch * t.grad_accum_steps, state.batch)
@@ -657,9 +727,10 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
             run.model, run.criterion, run.optimizer, run.scheduler, loader, accelerator, state, tracker,
             clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
-            augment=run.augment, tap=run.tap, mix=run.mix, on_step=on_step)
+            augment=run.augment, tap=run.tap, mix=run.mix, ema=ema, on_step=on_step)
         tracker.end_epoch()
-        val = evaluate(run.model, run.eval_criterion, run.val_dl, accelerator, num_classes, t.channels_last, run.tap)
+        val = evaluate(run.eval_model, run.eval_criterion, run.val_dl, accelerator, num_classes, t.channels_last,
+                       run.eval_tap, tta=t.tta)
         if val["acc"] > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
         row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
@@ -667,8 +738,8 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
                "lr": run.scheduler.get_last_lr()[0],
                "images_per_s": state.images / max(state.train_time_s, 1e-9)}
         if cfg.log.test_every_epoch:
-            per_epoch_test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes,
-                                      t.channels_last, run.tap)
+            per_epoch_test = evaluate(run.eval_model, run.eval_criterion, run.test_dl, accelerator, num_classes,
+                                      t.channels_last, run.eval_tap, tta=t.tta)
             row.update(test_loss=per_epoch_test["loss"], test_acc=per_epoch_test["acc"])
         if len(stages) > 1:
             row["stage"] = stage.name
@@ -680,7 +751,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         if state.epoch < t.epochs and state.epoch >= stage.end:  # the next epoch opens a new stage:
             stage = stage_at(stages, state.epoch)  # switch first, so its checkpoint holds the new stage
             run.close()
-            run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes)
+            run = _StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes, loader_kind, ema)
         saved = save(state)
         if on_epoch_end is not None:  # the row, and the checkpoint that holds this epoch's end
             on_epoch_end({**row, "checkpoint": str(saved)})
@@ -691,16 +762,19 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
 
     tracker.close()
     log = cfg.log
-    test = evaluate(run.model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last, run.tap,
+    test = evaluate(run.eval_model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last,
+                    run.eval_tap, tta=t.tta,
                     keep=_plot_sample(len(splits.test), log.embed_max, cfg.run.seed) if log.plots else None)
     train_eval = None
     if log.plots:  # the training split once more, unaugmented: its confusion matrix and features
         train_eval_dl = accelerator.prepare(DataLoader(splits.train, batch_size=d.eval_batch_size, shuffle=False,
                                                        collate_fn=collate_batch, num_workers=d.num_workers))
-        train_eval = evaluate(run.model, run.eval_criterion, train_eval_dl, accelerator, num_classes,
-                              t.channels_last, run.tap, keep=_plot_sample(len(splits.train), log.embed_max, cfg.run.seed))
+        train_eval = evaluate(run.eval_model, run.eval_criterion, train_eval_dl, accelerator, num_classes,
+                              t.channels_last, run.eval_tap, tta=t.tta,
+                              keep=_plot_sample(len(splits.train), log.embed_max, cfg.run.seed))
     accelerator.wait_for_everyone()
-    accelerator.save_model(run.model, str(run_dir), safe_serialization=True)  # RUN/model.safetensors
+    # RUN/model.safetensors: the weights the test accuracy belongs to (the average, with EMA)
+    accelerator.save_model(run.eval_model, str(run_dir), safe_serialization=True)
     summary = {
         "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
         "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
@@ -708,7 +782,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         "images_per_s": state.images / max(state.train_time_s, 1e-9),
         "train_time_s": state.train_time_s, "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-        "precision": t.precision, "num_params": num_params, "num_trainable_params": run.num_trainable, "nonfinite_steps": state.nonfinite_total,
+        "precision": t.precision, "loader": run.loader, "ema_decay": t.ema_decay, "tta": t.tta, "num_params": num_params, "num_trainable_params": run.num_trainable, "nonfinite_steps": state.nonfinite_total,
         "resumed_from": str(resume_path) if resume_path else None,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])),
         "run_dir": str(run_dir),

@@ -5,6 +5,10 @@ so any input size >= 32 works.
 * `res_basic`: E4's small residual CNN from BasicBlocks: stem 32, stages 32/64/128, 2 blocks each.
 * `res_bottleneck`: E4's small residual CNN from Bottleneck blocks (expansion 4): stem 32,
   stage widths 32/64/128 (outputs 128/256/512), 2 blocks each.
+* `resnet9`: the ResNet-9 of the CIFAR-10 speed records (Myrtle.ai, "How to train your ResNet",
+  D. Page 2018: 94% in 24 epochs): conv-BN-ReLU 64, then 128 + max-pool + a residual pair,
+  256 + max-pool, 512 + max-pool + a residual pair, global max-pool, Linear, logits x 0.125.
+  6.6M parameters; configs/cifar10_fast.yaml trains it.
 """
 
 from collections.abc import Sequence
@@ -110,3 +114,54 @@ def res_basic(num_classes: int, pretrained: str | None = None) -> nn.Module:
 def res_bottleneck(num_classes: int, pretrained: str | None = None) -> nn.Module:
     model = ResNetCifar((2, 2, 2), num_classes, width=32, block=Bottleneck)
     return load_pretrained(model, pretrained, "res_bottleneck")
+
+
+def _cbr(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_cbr(c, c), _cbr(c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ScaledLinear(nn.Linear):
+    """Linear whose output is multiplied by a fixed factor (not trained)."""
+
+    def __init__(self, in_features: int, out_features: int, factor: float, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.factor
+
+
+class ResNet9(nn.Module):
+    def __init__(self, num_classes: int = 10, scale: float = 0.125):
+        super().__init__()
+        self.layers = nn.Sequential(
+            _cbr(3, 64),  # (B, 64, 32, 32)
+            _cbr(64, 128, pool=True), _Residual(128),  # (B, 128, 16, 16)
+            _cbr(128, 256, pool=True),  # (B, 256, 8, 8)
+            _cbr(256, 512, pool=True), _Residual(512),  # (B, 512, 4, 4)
+        )
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())  # (B, 512)
+        # The fixed x0.125 keeps the logits small, as the record runs do; it belongs to the head so
+        # that classifier(forward_features(x)) == forward(x).
+        self.classifier = ScaledLinear(512, num_classes, scale)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.layers(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+@MODELS.register("resnet9")
+def resnet9(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    return load_pretrained(ResNet9(num_classes), pretrained, "resnet9")
