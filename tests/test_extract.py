@@ -281,3 +281,31 @@ def test_bf16_autocast_and_channels_last_give_nearly_the_same_features(one_proce
     cos = (a.features * b.features).sum(1)
     assert cos.min() > 0.99, cos.min()
     assert json.loads((run / "features/meta.json").read_text())["precision"] == "bf16"
+
+
+def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transform(tmp_path):
+    """The collection hands out uint8; `normalize` on the batch gives the float transform's pixels."""
+    from toolkit.data.base import TensorImageDataset
+    from toolkit.data.collection import ImageCollection, SplitAsCollection, resize_center_crop
+    from toolkit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+
+    root = tmp_path / "g" / "cls"
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        pixels = torch.randint(0, 256, (37 + i, 50, 3), dtype=torch.uint8, generator=g).numpy()
+        Image.fromarray(pixels).save(root / f"{i}.png")
+    ds = ImageCollection(str(tmp_path / "g"), image_size=24)
+    ref = resize_center_crop(24, IMAGENET_MEAN, IMAGENET_STD)
+    items = [ds[i] for i in range(3)]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 24, 24) for x, *_ in items)
+    got = ds.normalize(torch.stack([x for x, *_ in items]))
+    want = torch.stack([ref(load_rgb(ds.path(i))) for i in range(3)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # a uint8 training set (cifar, synthetic, prepared) is normalised with its own formula
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    tds = TensorImageDataset(images, torch.arange(4), mean=torch.tensor([0.4, 0.5, 0.6]), std=torch.tensor([0.2, 0.2, 0.3]))
+    split = SplitAsCollection(tds, "synthetic", "train", ["a"] * 4, {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.3]})
+    x, y, i, bad = split[2]
+    assert x.dtype == torch.uint8 and int(y) == 2 and bad is None
+    assert torch.equal(split.normalize(images[[0, 2]]), tds.__getitems__([0, 2])[0])

@@ -342,18 +342,18 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
         for j, (x, y, idx, bad) in enumerate(loader):
             k = plan[j][0]
             if x is not None:
-                x = x.to(accelerator.device, non_blocking=True)
+                x = source.normalize(x.to(accelerator.device, non_blocking=True))  # uint8 -> float32 there
                 if e.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     f = extractor(x)  # (B, D) float32
-                buf["f"].append(f.cpu())
+                buf["f"].append(f)  # stays on the device until the shard is written: no sync per batch
                 buf["i"].append(idx)
                 buf["y"].append(y)
                 done_images += len(idx)
             buf["bad"] += [(i, source.path(i), reason) for i, reason in bad]
             if j == last_batch[k]:
-                feats = torch.cat(buf["f"]) if buf["f"] else torch.empty(0, 0)
+                feats = torch.cat(buf["f"]).cpu() if buf["f"] else torch.empty(0, 0)
                 index = torch.cat(buf["i"]) if buf["i"] else torch.empty(0, dtype=torch.int64)
                 labels = torch.cat(buf["y"]) if buf["y"] else torch.empty(0, dtype=torch.int64)
                 store.write_shard(shards, k, feats, index, labels, buf["bad"])

@@ -1,7 +1,12 @@
 """An image collection for feature extraction: every image under a folder, bad files reported.
 
     ds = ImageCollection("/data/gallery", image_size=224)
-    x, label, index, reason = ds[i]     # x: (3, S, S) float32, or None with the reason it failed
+    x, label, index, reason = ds[i]     # x: (3, S, S) uint8, or None with the reason it failed
+    x = ds.normalize(x.to(device))      # (B, 3, S, S) float32: the mean/std step, on the device
+
+Items stay uint8 until they reach the device, a quarter of the bytes of float32 through the
+DataLoader workers, pinned memory and the host-to-device copy; `normalize` then does what
+torchvision's ToDtype(scale=True) + Normalize do, in the same order, on the whole batch.
 
 Unlike the training datasets, which refuse a folder with one unreadable file before any work
 starts, extraction keeps going: a gallery scraped from the web always holds a few broken
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from toolkit.data.base import TensorImageDataset
 from toolkit.data.imagefolder import EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from toolkit.errors import ConfigError
 
@@ -42,6 +48,28 @@ def scan_collection(root: Path) -> Tuple[List[str], List[int], List[str]]:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p.parts[0]] if len(p.parts) > 1 else -1 for p in found]
     return [str(root / p) for p in found], labels, classes
+
+
+class Normalize:
+    """(B, 3, S, S) uint8 -> float32: x / 255, minus mean, over std (torchvision's order);
+    float input (an already normalised dataset) passes through."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.float().mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+def resize_center_crop_uint8(image_size: int):
+    """PIL RGB -> (3, S, S) uint8: shorter side to S, centre crop."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
 def resize_center_crop(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -72,7 +100,8 @@ class ImageCollection(Dataset):
             raise ConfigError(f"config: data.root: no images under {root} (extensions: {' '.join(EXTENSIONS)})")
         self.paths = np.asarray(paths, dtype=np.str_)  # (N,): no per-item refcounts for forked workers
         self.labels = torch.tensor(labels, dtype=torch.int64)  # (N,)
-        self.transform = resize_center_crop(image_size, mean, std)
+        self.transform = resize_center_crop_uint8(image_size)
+        self.normalize = Normalize(mean, std)
         self.preprocess = {"kind": "resize_center_crop", "image_size": image_size,
                            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
@@ -87,7 +116,7 @@ class ImageCollection(Dataset):
         try:
             if os.path.getsize(path) == 0:
                 return None, self.labels[i], i, "empty file"
-            x = self.transform(load_rgb(path))  # (3, S, S)
+            x = self.transform(load_rgb(path))  # (3, S, S) uint8
         except Exception as e:  # truncated, corrupt, not an image, bomb, unreadable: reported, not raised
             from PIL import UnidentifiedImageError
 
@@ -105,6 +134,15 @@ class SplitAsCollection(Dataset):
         self.class_names = list(class_names)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64)  # (N,)
         self.preprocess = preprocess
+        # uint8 sets (cifar, synthetic, prepared) hand out raw pixels, normalised on the device
+        self.raw = isinstance(dataset, TensorImageDataset) and dataset.scale is not None
+        self.normalize = self._dataset_norm if self.raw else (lambda x: x)
+
+    def _dataset_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The dataset's own formula (TensorImageDataset._norm), where x is: what training saw."""
+        if x.dtype != torch.uint8:
+            return x
+        return (x.float() - self.dataset.shift.to(x.device)) / self.dataset.scale.to(x.device)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -114,6 +152,8 @@ class SplitAsCollection(Dataset):
         return str(paths[i]) if paths is not None else f"{self.name}:{self.split}:{i}"
 
     def __getitem__(self, i: int):
+        if self.raw:
+            return self.dataset.images[i], self.dataset.labels[i], i, None  # (3, S, S) uint8
         x, y = self.dataset[i]
         return x, y, i, None
 
