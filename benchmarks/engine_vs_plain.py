@@ -5,8 +5,9 @@
 
 Both loops train the same model (same init), on the same in-memory 32x32 batches, with the same
 batch size, optimizer and device. The engine side is `toolkit.engine.train_epoch` behind a real
-Accelerator and prepared DataLoader, exactly as `fit` runs it (non-finite check, running sums,
-periodic logging included). The plain side is the loop users write by hand, without a per-step
+Accelerator, exactly as `fit` runs it (non-finite check, running sums, periodic logging
+included), twice: fed by the device-resident loader, which `fit` picks for in-memory data
+(`data.loader=auto`), and by a prepared DataLoader (`data.loader=dataloader`). The plain side is the loop users write by hand, without a per-step
 `.item()`. Runs alternate (plain, engine, plain, engine, ...) so that drift in the machine's
 speed hits both; the ratio uses the median of each. Results: docs/benchmarks.md.
 """
@@ -26,6 +27,7 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 
 from toolkit.data import TensorImageDataset, collate_batch
+from toolkit.data.device_loader import DeviceLoader
 from toolkit.data.samplers import EpochSampler
 from toolkit.engine import TrainState, train_epoch
 from toolkit.faults import Faults
@@ -65,12 +67,18 @@ def plain(name: str, data: TensorImageDataset, batch: int, device: torch.device)
     return n / (time.perf_counter() - t0)
 
 
-def engine(name: str, data: TensorImageDataset, batch: int, accelerator: Accelerator, run_dir: Path) -> float:
+def engine(name: str, data: TensorImageDataset, batch: int, accelerator: Accelerator, run_dir: Path,
+           loader_kind: str = "device") -> float:
     model = make_model(name, accelerator.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    loader = DataLoader(data, batch_size=batch, sampler=EpochSampler(len(data), 0), drop_last=True,
-                        collate_fn=collate_batch)
-    model, opt, loader = accelerator.prepare(model, opt, loader)
+    if loader_kind == "device":
+        model, opt = accelerator.prepare(model, opt)
+        loader = DeviceLoader(data, EpochSampler(len(data), 0), batch, True, accelerator.device,
+                              accelerator.process_index, accelerator.num_processes, accelerator.gradient_state)
+    else:
+        loader = DataLoader(data, batch_size=batch, sampler=EpochSampler(len(data), 0), drop_last=True,
+                            collate_fn=collate_batch)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
     sched = accelerator.prepare(torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
     state = TrainState()
     tracker = Tracker(accelerator, run_dir, progress="none")
@@ -100,20 +108,25 @@ def main() -> None:
         for name in args.models.split(","):
             batches = args.batches or {"lenet": 400}.get(name, 12 if device.type == "cpu" else 400)
             data = dataset(batches * args.batch)
-            plain(name, data, args.batch, device)  # warm-up both paths
-            engine(name, data, args.batch, accelerator, Path(tmp))
-            runs = {"plain": [], "engine": []}
+            plain(name, data, args.batch, device)  # warm-up every path
+            engine(name, data, args.batch, accelerator, Path(tmp), "device")
+            engine(name, data, args.batch, accelerator, Path(tmp), "dataloader")
+            runs = {"plain": [], "engine": [], "engine_dataloader": []}
             for _ in range(args.repeats):
                 runs["plain"].append(plain(name, data, args.batch, device))
-                runs["engine"].append(engine(name, data, args.batch, accelerator, Path(tmp)))
+                runs["engine"].append(engine(name, data, args.batch, accelerator, Path(tmp), "device"))
+                runs["engine_dataloader"].append(engine(name, data, args.batch, accelerator, Path(tmp), "dataloader"))
             med = {k: statistics.median(v) for k, v in runs.items()}
             ratio = med["engine"] / med["plain"]
+            ratio_dl = med["engine_dataloader"] / med["plain"]
             results[name] = {"plain_images_per_s": med["plain"], "engine_images_per_s": med["engine"],
-                             "ratio": ratio, "batches": batches, "repeats": args.repeats}
-            print(f"{name:16s} plain {med['plain']:9,.0f} img/s   engine {med['engine']:9,.0f} img/s   "
-                  f"engine/plain {ratio:.3f}   (median of {args.repeats}, {batches} batches each; "
-                  f"spread plain {min(runs['plain']):,.0f}-{max(runs['plain']):,.0f}, "
-                  f"engine {min(runs['engine']):,.0f}-{max(runs['engine']):,.0f})")
+                             "engine_dataloader_images_per_s": med["engine_dataloader"],
+                             "ratio": ratio, "ratio_dataloader": ratio_dl, "batches": batches,
+                             "repeats": args.repeats, "spread": {k: [min(v), max(v)] for k, v in runs.items()}}
+            print(f"{name:16s} plain {med['plain']:9,.0f} img/s   engine {med['engine']:9,.0f} img/s "
+                  f"(engine/plain {ratio:.3f})   engine+DataLoader {med['engine_dataloader']:9,.0f} img/s "
+                  f"({ratio_dl:.3f})   (median of {args.repeats}, {batches} batches each; spread "
+                  + ", ".join(f"{k} {min(v):,.0f}-{max(v):,.0f}" for k, v in runs.items()) + ")")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
