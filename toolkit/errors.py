@@ -1,4 +1,8 @@
-"""Errors the CLIs turn into one line on stderr and a non-zero exit."""
+"""Errors the CLIs turn into one line on stderr and a non-zero exit (`run_cli`)."""
+
+from typing import Callable, Optional, Tuple, TypeVar
+
+T = TypeVar("T")
 
 
 class ToolkitError(Exception):
@@ -28,3 +32,33 @@ class PreemptedError(ToolkitError):
     def __init__(self, message: str, exit_code: int = 4):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
+    """Run a CLI's work the way every launcher-facing command here does -> (exit code, result).
+
+    ToolkitError: its message as one `error:` line and its exit code. PreemptedError: a
+    `preempted:` line from rank 0 and 4 (143 on SIGTERM): not a failure, the run saved itself.
+    Ctrl-C: 130. Anything else is a bug or a dying peer: the traceback, then one line that names
+    the rank (`RANK`, set by torchrun), and 1."""
+    import os
+    import sys
+    import traceback
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        return 0, work()
+    except PreemptedError as e:
+        if rank == "0":
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return e.exit_code, None
+    except ToolkitError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code, None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130, None
+    except Exception as e:
+        traceback.print_exc()
+        print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1, None

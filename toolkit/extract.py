@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -445,31 +443,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    from toolkit.errors import PreemptedError, ToolkitError
+    from toolkit.errors import run_cli
 
-    try:
+    def work():
         cfg = load_extract_config(args.config, args.overrides)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-            return 0
-        summary = extract(cfg)
-    except PreemptedError as e:  # not an error: what was written is kept
-        if rank == "0":
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # a bug or a dying peer: keep the traceback, say which rank
-        traceback.print_exc()
-        print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
+            return None
+        return extract(cfg)
+
+    code, summary = run_cli(work)
+    if code:
+        return code
     if summary:
         print(f"features: {summary['rows']} x {summary['dim']} in {summary['features_dir']} "
               f"({summary['bad_images']} bad image(s) listed in bad_images.txt), "

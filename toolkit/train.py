@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from typing import List, Optional
 
 
@@ -29,34 +28,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    rank = os.environ.get("RANK", "0")
     # Imported here so that `--help` and config errors answer fast.
     from toolkit.config import load_config, to_yaml
-    from toolkit.errors import PreemptedError, ToolkitError
+    from toolkit.errors import run_cli
 
-    try:
+    def work():
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
-            return 0
+            return None
         from toolkit.engine import fit
 
-        summary = fit(cfg)
-    except PreemptedError as e:  # not an error: the run saved itself and can go on
-        if rank == "0":
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except ToolkitError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # a bug or a dying peer: keep the traceback, say which rank
-        traceback.print_exc()
-        print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
-    if rank == "0":
+        return fit(cfg)
+
+    code, summary = run_cli(work)
+    if code or summary is None:
+        return code
+    if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {summary['run_dir']}")
         print(f"test accuracy: {summary['test_acc']:.2%} on {summary['num_test_samples']} images "
               f"(best val {summary['best_val_acc']:.2%}), {summary['images_per_s']:,.0f} img/s, "
