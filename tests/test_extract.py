@@ -309,3 +309,25 @@ def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transf
     x, y, i, bad = split[2]
     assert x.dtype == torch.uint8 and int(y) == 2 and bad is None
     assert torch.equal(split.normalize(images[[0, 2]]), tds.__getitems__([0, 2])[0])
+
+
+@pytest.mark.parametrize("dataset", ["digits", "synthetic"])  # float (already normalised) and uint8 sets
+def test_device_loader_gives_the_dataloaders_features(dataset, tmp_path):
+    base = [f"data.name={dataset}", "data.split=test", "data.limit=200", "model.name=lenet", "extract.shard_size=64"]
+    dev = ok(extract([*base, f"run.dir={tmp_path / 'dev'}"]))  # auto: in memory, so on the device
+    dl = ok(extract([*base, f"run.dir={tmp_path / 'dl'}", "data.loader=dataloader", "data.num_workers=1"]))
+    assert "loader device" in dev.stdout and "loader dataloader" in dl.stdout
+    a, b = load_features(tmp_path / "dev" / "features"), load_features(tmp_path / "dl" / "features")
+    assert torch.equal(a.features, b.features) and torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+    # the loader does not change a feature value: a rerun may switch it and keeps the shards
+    again = ok(extract([*base, f"run.dir={tmp_path / 'dev'}", "data.loader=dataloader"]))
+    assert "complete shard(s) kept, 0 to do" in again.stdout
+
+
+def test_device_loader_on_a_folder_is_one_line(tmp_path):
+    (tmp_path / "g").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "g" / "a.png")
+    proc = extract(["data.name=folder", f"data.root={tmp_path / 'g'}", "model.name=lenet", "data.image_size=32",
+                    "data.loader=device", f"run.dir={tmp_path / 'run'}"])
+    fails(proc, 2, "data.loader: device: a folder collection is decoded image by image")
+    assert not (tmp_path / "run" / "features" / "shards").exists()

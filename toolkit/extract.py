@@ -54,6 +54,7 @@ class ExtractDataConfig:
     image_size: Optional[int] = None  # folder: null -> the trained run's, else 224
     batch_size: int = 64  # per process
     num_workers: int = 0
+    loader: str = "auto"  # auto | device (in-memory datasets gathered on the device) | dataloader
     limit: Optional[int] = None  # first N images only
     split_seed: int = 0  # training datasets: the split the run used
     download: bool = False
@@ -86,7 +87,7 @@ class ExtractConfig:
 
 
 # Settings that do not change a feature value: a rerun may change them.
-_FREE_KEYS = ("run.name", "run.dir", "data.batch_size", "data.num_workers", "extract.dist_timeout_s")
+_FREE_KEYS = ("run.name", "run.dir", "data.batch_size", "data.num_workers", "data.loader", "extract.dist_timeout_s")
 
 
 def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExtractConfig:
@@ -106,6 +107,8 @@ def validate(cfg: ExtractConfig) -> None:
     _need(d.split in ("train", "val", "test"), "data.split", f"must be train, val or test, got {d.split!r}")
     _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(d.loader in ("auto", "device", "dataloader"), "data.loader",
+          f"unknown loader {d.loader!r}; choose one of: auto, dataloader, device")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
     _need(d.image_size is None or d.image_size >= 8, "data.image_size", f"must be >= 8 or null, got {d.image_size}")
     _need(m.name is not None or m.run is not None, "model.name", "set model.name (e.g. resnet50) or model.run")
@@ -271,6 +274,35 @@ def _check_rerun(out: Path, cfg: ExtractConfig) -> None:
                           f"({', '.join(f'{k}={a.get(k)!r}' for k in diff)}); rerun with those or choose another run.dir")
 
 
+def _use_device_loader(mode: str, source, device: torch.device) -> bool:
+    """`data.loader`: an in-memory dataset (digits, cifar, synthetic, prepared) is copied to the
+    device once and each batch is one gather there (`auto` when it fits, as in training); a
+    folder is decoded in DataLoader workers."""
+    from toolkit.data.collection import SplitAsCollection
+    from toolkit.data.device_loader import device_loader_reason
+
+    if mode == "dataloader":
+        return False
+    if isinstance(source, SplitAsCollection):
+        reason = device_loader_reason(source.dataset, device)
+    else:
+        reason = "a folder collection is decoded image by image in DataLoader workers"
+    if reason is not None and mode == "device":
+        raise ConfigError(f"config: data.loader: device: {reason}; use data.loader=auto or dataloader")
+    return reason is None
+
+
+def _device_batches(source, plan: List[tuple[int, List[int]]], device: torch.device):
+    """The DataLoader's items for `plan`, gathered from the dataset held on the device:
+    x (B, 3, S, S) as the dataset stores it (uint8: normalised by `source.normalize`), labels,
+    indices, no bad images (an in-memory set has none)."""
+    ds = source.dataset
+    images = ds.images.to(device)  # (N, 3, S, S), copied once
+    for _, batch in plan:
+        idx = torch.as_tensor(batch, dtype=torch.int64)  # (B,)
+        yield images[idx.to(device)], ds.labels[idx], idx, []
+
+
 def _plan(n: int, shard_size: int, batch_size: int, todo: List[int]) -> List[tuple[int, List[int]]]:
     """[(shard, [dataset indices])] batches that never cross a shard boundary."""
     from toolkit.features import shard_ranges
@@ -307,6 +339,7 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=e.dist_timeout_s))])
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
+    on_device = _use_device_loader(cfg.data.loader, source, accelerator.device)  # before anything is written
     shards = out / store.SHARDS
     if main:
         shards.mkdir(parents=True, exist_ok=True)
@@ -320,7 +353,8 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     todo = [k for k in mine if store.shard_marker(shards, k) is None]
     if main:
         print(f"extract: {n} images in {len(ranges)} shard(s) of {e.shard_size} -> {out} "
-              f"({world} process(es), device {accelerator.device}, layer {e.layer}, precision {e.precision})", flush=True)
+              f"({world} process(es), device {accelerator.device}, layer {e.layer}, precision {e.precision}, "
+              f"loader {'device' if on_device else 'dataloader'})", flush=True)
     if len(todo) < len(mine):
         print(f"extract: rank {rank}: {len(mine) - len(todo)} complete shard(s) kept, {len(todo)} to do", flush=True)
 
@@ -330,8 +364,11 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     faults = Faults.from_env()
     preempt = Preemption(accelerator, out)
     plan = _plan(n, e.shard_size, cfg.data.batch_size, todo)
-    loader = DataLoader(source, batch_sampler=[b for _, b in plan], collate_fn=collate_items,
-                        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    if on_device:
+        loader = _device_batches(source, plan, accelerator.device)
+    else:
+        loader = DataLoader(source, batch_sampler=[b for _, b in plan], collate_fn=collate_items,
+                            num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
     last_batch = {k: j for j, (k, _) in enumerate(plan)}  # shard -> index of its last batch
     buf: Dict[str, list] = {"f": [], "i": [], "y": [], "bad": []}
     t0, done_images, written, stop = time.perf_counter(), 0, 0, 0.0
