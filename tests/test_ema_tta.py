@@ -92,3 +92,28 @@ def test_bad_ema_tta_loader_settings_are_one_line(tmp_path, override, expected):
     proc = train(["--config", DEMO, override, f"run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {expected}", proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _sync_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ema = ModelEma(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), decay=0.9)
+    with torch.no_grad():
+        ema.module[1].running_mean.fill_(float(rank + 1))  # each rank's own statistics
+        ema.module[1].num_batches_tracked.fill_(rank + 7)
+    ema.sync_buffers()
+    torch.save({k: v.clone() for k, v in ema.module.state_dict().items()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ema_batchnorm_statistics_are_rank_0s_on_every_rank(tmp_path):
+    """DDP keeps parameters equal across ranks but not BatchNorm's running statistics."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    assert torch.equal(a["1.running_mean"], torch.ones(4)) and torch.equal(b["1.running_mean"], torch.ones(4))
+    assert int(b["1.num_batches_tracked"]) == 8  # integer buffers are copied from the model, not synced
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "1.num_batches_tracked")

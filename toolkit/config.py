@@ -203,8 +203,8 @@ def _parse_overrides(overrides: Iterable[str]) -> List[str]:
         key, sep, value = o.partition("=")
         if not sep or not key or "." not in key:
             raise ConfigError(f"override {o!r} must look like section.key=value")
-        if key == "train.precision" and value.strip().lower() == "no":
-            o = "train.precision='no'"  # YAML 1.1 would read a bare `no` as false
+        if key.endswith(".precision") and value.strip().lower() == "no":
+            o = f"{key}='no'"  # YAML 1.1 would read a bare `no` as false
         out.append(o)
     return out
 
@@ -214,9 +214,9 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) ->
     layers = []
     if path is not None:
         data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
-        train = data.get("train")
-        if isinstance(train, dict) and train.get("precision") is False:  # `precision: no`, read by YAML 1.1
-            train["precision"] = "no"
+        for body in data.values():  # `precision: no` (train, extract), read as false by YAML 1.1
+            if isinstance(body, dict) and body.get("precision") is False:
+                body["precision"] = "no"
         data.setdefault("run", {})
         if isinstance(data["run"], dict):
             data["run"].setdefault("name", Path(path).stem)

@@ -10,9 +10,11 @@ initialisation), then ema = decay_t * ema + (1 - decay_t) * weights for every pa
 floating-point buffer (BatchNorm's running statistics are averaged too); integer buffers
 (num_batches_tracked) are copied. One fused `_foreach_lerp_` per step, no host sync.
 
-Every rank keeps its own copy; ranks hold the same weights after each step (DDP), so the copies
-agree. The average lives in checkpoints as `ema.safetensors` (toolkit/checkpoint.py), so a
-resumed run continues the same average.
+Every rank keeps its own copy. Parameters agree across ranks after each step (DDP), so their
+averages do; BatchNorm's running statistics do not (each rank updates them from its own slice of
+the batch), so with several processes the engine calls `sync_buffers` after each update: rank
+0's averaged buffers, one flattened broadcast. The average lives in checkpoints as
+`ema.safetensors` (toolkit/checkpoint.py), so a resumed run continues the same average.
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ class ModelEma:
         for e, s in zip(ema_i, src_i):
             e.copy_(s)
         self.updates += 1
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Rank 0's floating-point buffers on every rank (one broadcast; no-op without buffers)."""
+        import torch.distributed as dist
+
+        bufs = [b for b in self.module.buffers() if b.is_floating_point()]
+        if not bufs or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        flat = torch._utils._flatten_dense_tensors(bufs)
+        dist.broadcast(flat, src=0)
+        for b, f in zip(bufs, torch._utils._unflatten_dense_tensors(flat, bufs)):
+            b.copy_(f)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         out = {f"module.{k}": v.detach().contiguous() for k, v in self.module.state_dict().items()}

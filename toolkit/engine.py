@@ -37,7 +37,7 @@ from toolkit import checkpoint
 from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.augment import AUGMENTS
-from toolkit.data.device_loader import DeviceLoader, device_loader_reason
+from toolkit.data.device_loader import DeviceLoader, agreed_reason, device_loader_reason
 from toolkit.data.mix import BatchMix
 from toolkit.data.noise import flip_labels
 from toolkit.data.samplers import EpochSampler, PKSampler
@@ -272,6 +272,8 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         scheduler.step()
         if ema is not None:
             ema.update(unwrap(model))
+            if world > 1:
+                ema.sync_buffers()
         state.step += 1
         now = time.perf_counter()
         state.train_time_s += now - t_last
@@ -471,6 +473,7 @@ def choose_loader(mode: str, train_set, accelerator: Accelerator) -> str:
     reason = device_loader_reason(train_set, accelerator.device)
     if reason is None and accelerator.distributed_type == DistributedType.DEEPSPEED:
         reason = "DeepSpeed reads its micro-batch size from the prepared training DataLoader"
+    reason = agreed_reason(accelerator, reason)
     if reason is None:
         return "device"
     if mode == "device":

@@ -274,17 +274,17 @@ def _check_rerun(out: Path, cfg: ExtractConfig) -> None:
                           f"({', '.join(f'{k}={a.get(k)!r}' for k in diff)}); rerun with those or choose another run.dir")
 
 
-def _use_device_loader(mode: str, source, device: torch.device) -> bool:
+def _use_device_loader(mode: str, source, accelerator) -> bool:
     """`data.loader`: an in-memory dataset (digits, cifar, synthetic, prepared) is copied to the
     device once and each batch is one gather there (`auto` when it fits, as in training); a
     folder is decoded in DataLoader workers."""
     from toolkit.data.collection import SplitAsCollection
-    from toolkit.data.device_loader import device_loader_reason
+    from toolkit.data.device_loader import agreed_reason, device_loader_reason
 
     if mode == "dataloader":
         return False
     if isinstance(source, SplitAsCollection):
-        reason = device_loader_reason(source.dataset, device)
+        reason = agreed_reason(accelerator, device_loader_reason(source.dataset, accelerator.device))
     else:
         reason = "a folder collection is decoded image by image in DataLoader workers"
     if reason is not None and mode == "device":
@@ -298,9 +298,13 @@ def _device_batches(source, plan: List[tuple[int, List[int]]], device: torch.dev
     indices, no bad images (an in-memory set has none)."""
     ds = source.dataset
     images = ds.images.to(device)  # (N, 3, S, S), copied once
+    flat = torch.as_tensor([i for _, b in plan for i in b], dtype=torch.int64)  # (M,) this rank's images
+    flat_dev = flat.to(device)  # one copy: a blocking copy per batch would stall the GPU queue
+    start = 0
     for _, batch in plan:
-        idx = torch.as_tensor(batch, dtype=torch.int64)  # (B,)
-        yield images[idx.to(device)], ds.labels[idx], idx, []
+        idx, idx_dev = flat[start:start + len(batch)], flat_dev[start:start + len(batch)]  # (B,)
+        start += len(batch)
+        yield images[idx_dev], ds.labels[idx], idx, []
 
 
 def _plan(n: int, shard_size: int, batch_size: int, todo: List[int]) -> List[tuple[int, List[int]]]:
@@ -339,7 +343,7 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=e.dist_timeout_s))])
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    on_device = _use_device_loader(cfg.data.loader, source, accelerator.device)  # before anything is written
+    on_device = _use_device_loader(cfg.data.loader, source, accelerator)  # before anything is written
     shards = out / store.SHARDS
     if main:
         shards.mkdir(parents=True, exist_ok=True)

@@ -61,8 +61,9 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             return x
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return x.float().mul_(1.0 / 255).sub_(mean).div_(std)
+        if self.mean.device != x.device:  # once: a blocking copy per batch would stall the GPU queue
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return x.float().mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
 def resize_center_crop_uint8(image_size: int):
@@ -137,12 +138,15 @@ class SplitAsCollection(Dataset):
         # uint8 sets (cifar, synthetic, prepared) hand out raw pixels, normalised on the device
         self.raw = isinstance(dataset, TensorImageDataset) and dataset.scale is not None
         self.normalize = self._dataset_norm if self.raw else (lambda x: x)
+        self._shift = self._scale = None
 
     def _dataset_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The dataset's own formula (TensorImageDataset._norm), where x is: what training saw."""
         if x.dtype != torch.uint8:
             return x
-        return (x.float() - self.dataset.shift.to(x.device)) / self.dataset.scale.to(x.device)
+        if self._shift is None or self._shift.device != x.device:  # copied once, not per batch
+            self._shift, self._scale = self.dataset.shift.to(x.device), self.dataset.scale.to(x.device)
+        return (x.float() - self._shift) / self._scale
 
     def __len__(self) -> int:
         return len(self.dataset)

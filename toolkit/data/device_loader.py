@@ -55,6 +55,18 @@ def device_loader_reason(ds, device: torch.device) -> Optional[str]:
     return None
 
 
+def agreed_reason(accelerator, reason: Optional[str]) -> Optional[str]:
+    """Every rank takes the same decision: the set goes on the devices only if it fits on all of
+    them (each rank measures its own GPU's free memory)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return reason
+    fits = torch.tensor([0.0 if reason else 1.0], device=accelerator.device)
+    all_fit = accelerator.gather(fits).min().item() == 1.0  # a collective: every rank calls it once
+    if reason is None and not all_fit:
+        return "the training set does not fit on the device of every process"
+    return reason
+
+
 class DeviceLoader(DataLoaderStateMixin):
     """Batches of an in-memory dataset gathered on the device; see the module docstring.
 
