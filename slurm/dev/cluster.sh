@@ -77,8 +77,15 @@ start_munge() {
   [ -s /etc/munge/munge.key ] || as_root mungekey --create 2>/dev/null || as_root create-munge-key -f 2>/dev/null || true
   as_root mkdir -p /run/munge
   as_root munged --force
-  for _ in $(seq 1 40); do pgrep -x munged >"$DIR/run/munged.pid" && return 0; sleep 0.1; done
-  die "munged did not start"
+  # munged forks into the background: until its starting parent has exited, pgrep lists two
+  # pids, and a pid file holding both is one argument `kill` refuses. Wait for the daemon alone.
+  local pids
+  for _ in $(seq 1 50); do
+    pids=$(pgrep -x munged | tr '\n' ' ')
+    [ "$(wc -w <<<"$pids")" = 1 ] && { echo "$pids" >"$DIR/run/munged.pid"; return 0; }
+    sleep 0.1
+  done
+  die "munged did not start (running: ${pids:-none})"
 }
 
 up() {
@@ -107,7 +114,14 @@ down() {
   SLURM_CONF=$CONF scontrol shutdown >/dev/null 2>&1 || true
   for _ in $(seq 1 40); do pgrep -f "slurm(ctld|d) -f $CONF" >/dev/null || break; sleep 0.25; done
   pkill -f "slurm(ctld|d) -f $CONF" 2>/dev/null || true
-  if [ -f "$DIR/run/munged.pid" ]; then as_root kill "$(cat "$DIR/run/munged.pid")" 2>/dev/null || true; fi
+  if [ -f "$DIR/run/munged.pid" ]; then  # only the munged this script started
+    # shellcheck disable=SC2046  # one pid per word
+    as_root kill $(cat "$DIR/run/munged.pid") 2>/dev/null || true
+    for _ in $(seq 1 50); do  # munged takes a second or two to exit: down means down
+      # shellcheck disable=SC2046
+      kill -0 $(cat "$DIR/run/munged.pid") 2>/dev/null || break; sleep 0.1
+    done
+  fi
   rm -rf "$DIR"
   echo "cluster.sh: down"
 }
