@@ -122,17 +122,23 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
         files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
-        if final.exists():  # the same step saved again after resuming past a bad checkpoint
-            old = root / f"{OLD}{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        # (final exists when the same step is saved again after resuming past a bad checkpoint)
+        replace_dir(tmp, final, root / f"{OLD}{step}")
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Put the complete directory `tmp` at `final` by renames. An existing `final` is first moved
+    to `old` and removed only after, so a crash between the renames leaves one of the two whole."""
+    if final.exists() or final.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -46,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from toolkit.checkpoint import replace_dir
 from toolkit.data.prepared import FORMAT, MANIFEST, VERSION  # the reader owns the format
 from toolkit.errors import ConfigError, ToolkitError
 
@@ -251,14 +252,7 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
             f.flush()
             os.fsync(f.fileno())
         _check_out(out_path, force)  # again: something may have appeared there meanwhile
-        if out_path.exists() or out_path.is_symlink():
-            old = out_path.parent / f".{out_path.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_path, old)
-            os.replace(tmp, out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
+        replace_dir(tmp, out_path, out_path.parent / f".{out_path.name}.old-{os.getpid()}")
         return manifest
     finally:
         torch.set_num_threads(threads)
