@@ -2,6 +2,10 @@
 
     python benchmarks/engine_vs_plain.py                      # LeNet and ResNet-18 (CIFAR), CPU
     python benchmarks/engine_vs_plain.py --models lenet --batches 300 --repeats 5
+    python benchmarks/engine_vs_plain.py --models linear --batch 16 --batches 1000 --threads 1 --repeats 5
+
+`linear` is one Linear layer on the flattened image: its step is so short that the difference
+between the two loops is the engine's own cost per step, printed in microseconds.
 
 Both loops train the same model (same init), on the same in-memory 32x32 batches, with the same
 batch size, optimizer and device. The engine side is `toolkit.engine.train_epoch` behind a real
@@ -43,6 +47,8 @@ def dataset(n: int, num_classes: int = 10) -> TensorImageDataset:
 
 def make_model(name: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
+    if name == "linear":  # (B, 3, 32, 32) -> (B, 10): next to no compute, so the loops' own cost shows
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).to(device)
     return MODELS.build(name, num_classes=10).to(device)
 
 
@@ -97,8 +103,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=0, help="batches per timed run (0: per-model default)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     device = accelerator.device
@@ -106,7 +115,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            batches = args.batches or {"lenet": 400}.get(name, 12 if device.type == "cpu" else 400)
+            batches = args.batches or {"lenet": 400, "linear": 1000}.get(name, 12 if device.type == "cpu" else 400)
             data = dataset(batches * args.batch)
             plain(name, data, args.batch, device)  # warm-up every path
             engine(name, data, args.batch, accelerator, Path(tmp), "device")
@@ -123,9 +132,12 @@ def main() -> None:
                              "engine_dataloader_images_per_s": med["engine_dataloader"],
                              "ratio": ratio, "ratio_dataloader": ratio_dl, "batches": batches,
                              "repeats": args.repeats, "spread": {k: [min(v), max(v)] for k, v in runs.items()}}
+            overhead_us = 1e6 * args.batch * (1 / med["engine"] - 1 / med["plain"])  # per step
+            results[name]["engine_overhead_us_per_step"] = overhead_us
             print(f"{name:16s} plain {med['plain']:9,.0f} img/s   engine {med['engine']:9,.0f} img/s "
                   f"(engine/plain {ratio:.3f})   engine+DataLoader {med['engine_dataloader']:9,.0f} img/s "
-                  f"({ratio_dl:.3f})   (median of {args.repeats}, {batches} batches each; spread "
+                  f"({ratio_dl:.3f})   engine cost {overhead_us:,.0f} us/step   "
+                  f"(median of {args.repeats}, {batches} batches each; spread "
                   + ", ".join(f"{k} {min(v):,.0f}-{max(v):,.0f}" for k, v in runs.items()) + ")")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

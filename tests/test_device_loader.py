@@ -98,6 +98,31 @@ def test_labels_follow_images_and_uint8_is_normalised_like_the_dataset():
         assert x.dtype == torch.float32 and torch.equal(x, ref_x) and torch.equal(y, ref_y)
 
 
+def test_dataloader_items_are_uint8_normalised_where_the_batch_lands(tmp_path):
+    """After `device_items()` a uint8 set and an image folder hand out uint8 (a quarter of the
+    bytes through workers and the copy to the GPU); the returned Normalize gives back exactly
+    the float items they handed out before. A float set is left as it is."""
+    from torch.utils.data import DataLoader
+
+    from toolkit.data import DATASETS, collate_batch
+    from toolkit.data.base import device_items
+
+    synthetic = DATASETS.build("synthetic", root=None, split_seed=0, limit=24)
+    folder = DATASETS.build("imagefolder", root=str(make_folder(tmp_path / "data")), split_seed=0, limit=None,
+                            image_size=16)
+    for ds in (synthetic.train, folder.train):
+        idx = list(range(min(8, len(ds))))
+        before = torch.stack([ds[i][0] for i in idx])  # float32, normalised per item
+        norm = device_items(ds)
+        x, y = next(iter(DataLoader(ds, batch_size=len(idx), collate_fn=collate_batch, num_workers=1)))
+        assert before.dtype == torch.float32 and x.dtype == torch.uint8 and len(y) == len(idx)
+        assert torch.equal(norm(x), before)
+        assert norm(before) is before  # float input passes through
+    digits = DATASETS.build("digits", root=None, split_seed=0, limit=None).test  # float, already normalised
+    first = digits[0][0]
+    assert device_items(digits) is None and torch.equal(digits[0][0], first)
+
+
 def test_pk_batches_keep_whole_classes_per_rank():
     labels = torch.arange(120) % 6
     ds = TensorImageDataset(torch.zeros(120, 1, 1, 1), labels)

@@ -286,7 +286,9 @@ def test_bf16_autocast_and_channels_last_give_nearly_the_same_features(one_proce
 def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transform(tmp_path):
     """The collection hands out uint8; `normalize` on the batch gives the float transform's pixels."""
     from toolkit.data.base import TensorImageDataset
-    from toolkit.data.collection import ImageCollection, SplitAsCollection, resize_center_crop
+    from torchvision.transforms import v2
+
+    from toolkit.data.collection import ImageCollection, SplitAsCollection
     from toolkit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
     root = tmp_path / "g" / "cls"
@@ -296,7 +298,8 @@ def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transf
         pixels = torch.randint(0, 256, (37 + i, 50, 3), dtype=torch.uint8, generator=g).numpy()
         Image.fromarray(pixels).save(root / f"{i}.png")
     ds = ImageCollection(str(tmp_path / "g"), image_size=24)
-    ref = resize_center_crop(24, IMAGENET_MEAN, IMAGENET_STD)
+    ref = v2.Compose([v2.Resize(24, antialias=True), v2.CenterCrop(24), v2.PILToTensor(),  # torchvision's float transform
+                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
     items = [ds[i] for i in range(3)]
     assert all(x.dtype == torch.uint8 and x.shape == (3, 24, 24) for x, *_ in items)
     got = ds.normalize(torch.stack([x for x, *_ in items]))

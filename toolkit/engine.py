@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
 from torch import nn
@@ -36,6 +37,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from toolkit import checkpoint
 from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
 from toolkit.data import DATASETS, collate_batch
+from toolkit.data.base import device_items
 from toolkit.data.augment import AUGMENTS
 from toolkit.data.device_loader import DeviceLoader, agreed_reason, device_loader_reason
 from toolkit.data.mix import BatchMix
@@ -203,27 +205,44 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
                 tap: Optional[FeatureTap] = None, mix: Optional[Callable] = None, ema: Optional[ModelEma] = None,
-                on_step: Callable[[TrainState, torch.Tensor, torch.Tensor], None]) -> List[float]:
+                normalize: Optional[Callable] = None,
+                on_step: Callable[[TrainState, Callable[[], torch.Tensor]], None]) -> List[float]:
     """One pass over `loader` (already positioned past `state.batch` batches). `ema`, when given,
-    is updated after every optimizer step.
+    is updated after every optimizer step; `normalize`, when given, turns the loader's uint8
+    batches into float ones on the device (toolkit.data.base.Normalize). `on_step(state, read_sums)` runs after every optimizer
+    step; `read_sums()` gives this rank's running sums (for a checkpoint), only when called.
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
     """
     set_train_mode(model)  # train mode, but BatchNorm of a frozen backbone stays in eval
     device, world = accelerator.device, accelerator.num_processes
-    # Running sums on the device, (loss * n, correct, n): no host sync per step except the
-    # non-finite check, on which every rank must agree before anyone calls backward.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    log_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n since last log
+    # Running sums on the device, so that no step waits for the host except the non-finite
+    # check (on which every rank must agree before anyone calls backward): loss * n and correct
+    # for the epoch, loss * n since the last log, each a 0-dim float64 added to in place (no
+    # tensor made from host numbers per step). Sample counts are Python numbers.
+    loss_sum, correct_sum, log_loss_sum = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+    n_sum = log_n = 0.0
     if accelerator.is_main_process:  # what an interrupted run had summed, over all ranks
-        sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=device)
-        log_sums += torch.tensor(state.log_sums, dtype=torch.float64, device=device)
+        loss_sum += state.epoch_sums[0]
+        correct_sum += state.epoch_sums[1]
+        n_sum = state.epoch_sums[2]
+        log_loss_sum += state.log_sums[0]
+        log_n = state.log_sums[1]
+
+    def read_sums() -> torch.Tensor:
+        """This rank's (loss * n, correct, n, loss * n since the last log, n since the last log)."""
+        return torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(n_sum), log_loss_sum,
+                            loss_sum.new_tensor(log_n)])
+
     t_last = time.perf_counter()
     images_last = state.images
     # Accelerate's contexts cost ~0.2 ms per step each; enter them only when they do something.
     accumulate = accelerator.accumulate if accelerator.gradient_accumulation_steps > 1 else _no_context
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else _no_context
+    zero_grad = _zero_grad_fn(optimizer, accelerator)
     for x, y in loader:
+        if normalize is not None:  # (B / world, C, H, W) uint8 -> float32, where the batch is
+            x = normalize(x)
         if augment is not None:  # this rank's slice of the global batch, augmented as a whole
             x = augment(x, start=accelerator.process_index * x.shape[0], total=x.shape[0] * world)
         if mix is not None:  # (B,) labels -> (B, K) soft labels
@@ -235,10 +254,12 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 logits = model(x)  # (B / world, C)
                 loss = _loss(criterion, logits, y, tap)
             loss = faults.loss(loss, state.step + 1)
-            bad = (~torch.isfinite(loss.detach())).float()
+            finite = torch.isfinite(loss.detach())
             if world > 1:
-                bad = accelerator.reduce(bad, reduction="sum")
-            if bad.item() > 0:
+                bad = accelerator.reduce((~finite).float(), reduction="sum").item() > 0
+            else:
+                bad = not finite.item()
+            if bad:
                 state.nonfinite_run += 1
                 state.nonfinite_total += 1
                 # Skip this micro-batch's backward; on the window's last micro-batch the
@@ -259,12 +280,14 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 if clip_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 optimizer.step()  # Accelerate makes this a no-op until the window is complete
-                optimizer.zero_grad(set_to_none=True)
-                n = torch.tensor(y.shape[0], dtype=torch.float64, device=device)
-                d = loss.detach().double() * n
+                zero_grad()
+                m = y.shape[0]
                 hard = y if y.ndim == 1 else y.argmax(1)  # mixed labels count as their larger part
-                sums += torch.stack([d, (logits.detach().argmax(1) == hard).sum().double(), n])
-                log_sums += torch.stack([d, n])
+                loss_sum.add_(loss.detach(), alpha=m)
+                log_loss_sum.add_(loss.detach(), alpha=m)
+                correct_sum.add_((logits.detach().argmax(1) == hard).sum())
+                n_sum += m
+                log_n += m
         state.batch += 1
         state.images += x.shape[0] * world
         if not accelerator.sync_gradients:
@@ -281,31 +304,51 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         t_last, images_last = now, state.images
         shown_loss = None
         if state.step % log_every == 0:
-            tot = accelerator.reduce(log_sums.clone(), reduction="sum")
+            tot = accelerator.reduce(torch.stack([log_loss_sum, log_loss_sum.new_tensor(log_n)]), reduction="sum")
             shown_loss = (tot[0] / tot[1].clamp(min=1)).item()
             tracker.log("train", state.step, {"loss": shown_loss, "lr": scheduler.get_last_lr()[0],
                                               "epoch": state.epoch, "images_per_s": ips})
-            log_sums.zero_()
+            log_loss_sum.zero_()
+            log_n = 0.0
         tracker.advance(accelerator.gradient_accumulation_steps, ips, shown_loss)
-        on_step(state, sums, log_sums)
+        on_step(state, read_sums)
         faults.after_step(state.step, accelerator.process_index)
         t_last = time.perf_counter()  # checkpoint time is not training time
-    both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
+    both = accelerator.reduce(read_sums(), reduction="sum").tolist()
     state.log_sums = both[3:]  # the log window runs on into the next epoch
     return both[:3]
+
+
+def _zero_grad_fn(optimizer, accelerator: Accelerator) -> Callable[[], None]:
+    """`optimizer.zero_grad(set_to_none=True)` as Accelerate does it, without its cost:
+    AcceleratedOptimizer.zero_grad reads the wrapped optimizer's signature with `inspect` on
+    every call (~60 us per step on the 2-core VM, a few % of a LeNet step). For a plain
+    AcceleratedOptimizer around a torch optimizer this calls the wrapped one directly, under the
+    same condition (only when the accumulation window closes); anything else (DeepSpeed's
+    wrapper, whose engine clears gradients itself) keeps its own zero_grad."""
+    inner = getattr(optimizer, "optimizer", None)
+    if type(optimizer) is not AcceleratedOptimizer or not isinstance(inner, torch.optim.Optimizer):
+        return lambda: optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad() -> None:
+        if accelerator.sync_gradients:
+            inner.zero_grad(set_to_none=True)
+    return zero_grad
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accelerator,
              num_classes: int, channels_last: bool = False, tap: Optional[FeatureTap] = None,
-             keep: Optional[torch.Tensor] = None, tta: str = "none") -> Dict[str, Any]:
+             keep: Optional[torch.Tensor] = None, tta: str = "none",
+             normalize: Optional[Callable] = None) -> Dict[str, Any]:
     """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
     sample counts once. Each rank updates its metrics with the gathered batch (no metric sync).
 
     keep: sorted positions in the split whose penultimate features (and labels) to return, as
     "features" (n, D) and "labels" (n,) on the CPU, for the feature plots.
     tta="flip": logits are the mean of the image's and its mirror image's; the features are the
-    image's own (the mirror is run first, so the tap holds the original's)."""
+    image's own (the mirror is run first, so the tap holds the original's).
+    normalize: for a loader of uint8 items, their normalisation (run on the device)."""
     model.eval()
     device = accelerator.device
     kw = dict(num_classes=num_classes, sync_on_compute=False)
@@ -324,6 +367,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
     count = 0
     try:
         for x, y in loader:
+            if normalize is not None:  # uint8 items -> float32, on the device
+                x = normalize(x)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
@@ -499,10 +544,14 @@ class _StageRun:
                     if k not in ("name", "no_decay_norm_bias") and v is not None}
         groups = param_groups(raw_model, c.optim.weight_decay, c.optim.no_decay_norm_bias)
         optimizer = OPTIMIZERS.build(c.optim.name, params=groups, **optim_kw)
+        # uint8 sets and image folders hand out uint8 items, normalised where the batch lands
+        # (a quarter of the bytes through workers, pinned memory and the copy to the GPU)
+        self.norm = {k: device_items(getattr(splits, k)) for k in ("train", "val", "test")}
         train_dl, val_dl, test_dl, self.sampler = make_loaders(
             splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, seed,
             accelerator.num_processes, d.sampler, d.pk_k)
         self.loader = loader_kind  # "device" | "dataloader"
+        self.train_norm = None if loader_kind == "device" else self.norm["train"]  # DeviceLoader normalises
         if loader_kind == "device":
             self.model, self.optimizer, self.val_dl, self.test_dl = accelerator.prepare(
                 raw_model, optimizer, val_dl, test_dl)
@@ -699,12 +748,12 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     preempt = Preemption(accelerator, run_dir, t.preempt_check_steps)
     stack.callback(preempt.close)
 
-    def on_step(st: TrainState, sums: torch.Tensor, log_sums: torch.Tensor) -> None:
+    def on_step(st: TrainState, read_sums: Callable[[], torch.Tensor]) -> None:
         every = t.checkpoint_every_steps
         mid_epoch = st.batch < len(run.train_dl)  # (the last batch's checkpoint is the epoch's)
         stop = preempt.requested(st.step) if mid_epoch else 0.0
         if stop or (every and st.step % every == 0 and mid_epoch):
-            both = accelerator.reduce(torch.cat([sums, log_sums]), reduction="sum").tolist()
+            both = accelerator.reduce(read_sums(), reduction="sum").tolist()
             st.epoch_sums, st.log_sums = both[:3], both[3:]
             saved = save(st)
             if stop:
@@ -730,10 +779,10 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
             run.model, run.criterion, run.optimizer, run.scheduler, loader, accelerator, state, tracker,
             clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
-            augment=run.augment, tap=run.tap, mix=run.mix, ema=ema, on_step=on_step)
+            augment=run.augment, tap=run.tap, mix=run.mix, ema=ema, normalize=run.train_norm, on_step=on_step)
         tracker.end_epoch()
         val = evaluate(run.eval_model, run.eval_criterion, run.val_dl, accelerator, num_classes, t.channels_last,
-                       run.eval_tap, tta=t.tta)
+                       run.eval_tap, tta=t.tta, normalize=run.norm["val"])
         if val["acc"] > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
         row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
@@ -742,7 +791,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
                "images_per_s": state.images / max(state.train_time_s, 1e-9)}
         if cfg.log.test_every_epoch:
             per_epoch_test = evaluate(run.eval_model, run.eval_criterion, run.test_dl, accelerator, num_classes,
-                                      t.channels_last, run.eval_tap, tta=t.tta)
+                                      t.channels_last, run.eval_tap, tta=t.tta, normalize=run.norm["test"])
             row.update(test_loss=per_epoch_test["loss"], test_acc=per_epoch_test["acc"])
         if len(stages) > 1:
             row["stage"] = stage.name
@@ -766,14 +815,14 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     tracker.close()
     log = cfg.log
     test = evaluate(run.eval_model, run.eval_criterion, run.test_dl, accelerator, num_classes, t.channels_last,
-                    run.eval_tap, tta=t.tta,
+                    run.eval_tap, tta=t.tta, normalize=run.norm["test"],
                     keep=_plot_sample(len(splits.test), log.embed_max, cfg.run.seed) if log.plots else None)
     train_eval = None
     if log.plots:  # the training split once more, unaugmented: its confusion matrix and features
         train_eval_dl = accelerator.prepare(DataLoader(splits.train, batch_size=d.eval_batch_size, shuffle=False,
                                                        collate_fn=collate_batch, num_workers=d.num_workers))
         train_eval = evaluate(run.eval_model, run.eval_criterion, train_eval_dl, accelerator, num_classes,
-                              t.channels_last, run.eval_tap, tta=t.tta,
+                              t.channels_last, run.eval_tap, tta=t.tta, normalize=run.norm["train"],
                               keep=_plot_sample(len(splits.train), log.embed_max, cfg.run.seed))
     accelerator.wait_for_everyone()
     # RUN/model.safetensors: the weights the test accuracy belongs to (the average, with EMA)

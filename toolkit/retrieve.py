@@ -162,9 +162,12 @@ class QueryEncoder:
         cfg = load_extract_config(str(Path(features_dir) / "config.yaml"))
         model, _ = build_model(cfg.model, cfg.run.seed)
         self.extractor = Extractor(model, meta["layer"], True).eval()
-        from toolkit.data.collection import resize_center_crop
+        from toolkit.data.base import Normalize
+        from toolkit.data.collection import resize_center_crop_uint8
 
-        self.transform = resize_center_crop(pre["image_size"], pre["mean"], pre["std"])
+        # the gallery's own pipeline (ImageCollection): uint8 resize + crop, then the shared Normalize
+        self.transform = resize_center_crop_uint8(pre["image_size"])
+        self.normalize = Normalize(pre["mean"], pre["std"])
 
     def __call__(self, paths: Sequence[str]) -> torch.Tensor:
         from toolkit.data.imagefolder import load_rgb
@@ -179,7 +182,7 @@ class QueryEncoder:
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ConfigError(f"--query: cannot read image {p} ({type(e).__name__}: {msg})") from None
         with torch.inference_mode():
-            return self.extractor(torch.stack(xs))  # (Q, D), L2-normalised
+            return self.extractor(self.normalize(torch.stack(xs)))  # (Q, D), L2-normalised
 
 
 def _gallery_chunks(path: Path, meta: Dict[str, Any], normalise: bool) -> Iterable[torch.Tensor]:

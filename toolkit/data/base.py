@@ -9,6 +9,35 @@ import torch
 from torch.utils.data import Dataset
 
 
+class Normalize:
+    """uint8 (B, C, H, W) -> float32 (x - 255 mean) / (255 std), per channel, on the batch's
+    device; float input (already normalised) passes through. One formula for every uint8 set:
+    training batches, evaluation and extraction of the same images give the same numbers.
+
+    The per-channel tensors are copied to each device once and kept: a copy from host memory
+    per batch is a blocking transfer that stalls a GPU's queue."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.shift = (255.0 * torch.as_tensor(mean, dtype=torch.float32)).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        self.scale = (255.0 * torch.as_tensor(std, dtype=torch.float32)).view(1, -1, 1, 1)
+        self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_shift_scale(cls, shift: torch.Tensor, scale: torch.Tensor) -> "Normalize":
+        """From (1, C, 1, 1) tensors already in 0..255 units (TensorImageDataset's)."""
+        norm = cls([0.0], [1.0])
+        norm.shift, norm.scale = shift, scale
+        return norm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        on = self._on.get(x.device)
+        if on is None:
+            on = self._on[x.device] = (self.shift.to(x.device), self.scale.to(x.device))
+        return (x.float() - on[0]) / on[1]
+
+
 class TensorImageDataset(Dataset):
     """Decoded images in one tensor (N, C, H, W): float and already normalised, or uint8 with
     per-channel `mean`/`std` (in 0..1 units) applied per batch, which keeps large sets at a
@@ -16,6 +45,8 @@ class TensorImageDataset(Dataset):
 
     `__getitems__` lets the DataLoader fetch a batch with one indexing op instead of
     N `__getitem__` calls and a stack; `collate_batch` passes that batch through.
+    `device_items()` makes a uint8 set hand out its uint8 images, to be normalised where the
+    batch lands (see `device_items`).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor,
@@ -26,6 +57,7 @@ class TensorImageDataset(Dataset):
         self.labels = labels  # (N,) int64
         self.scale = None if mean is None else (255.0 * std).view(1, -1, 1, 1)  # (1, C, 1, 1)
         self.shift = None if mean is None else (255.0 * mean).view(1, -1, 1, 1)
+        self.raw_items = False  # True: items are the stored uint8, see device_items()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,12 +65,31 @@ class TensorImageDataset(Dataset):
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.scale is None else (x.float() - self.shift) / self.scale
 
+    def device_items(self) -> Optional[Normalize]:
+        """For a uint8 set: from now on hand out uint8 images (a quarter of the bytes through
+        worker queues, pinned memory and the host-to-device copy) and return the function that
+        normalises a batch of them on its device, with this dataset's own formula. None for a
+        float set (its items are already normalised)."""
+        if self.scale is None:
+            return None
+        self.raw_items = True
+        return Normalize.from_shift_scale(self.shift, self.scale)  # the same numbers as _norm
+
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self._norm(self.images[i : i + 1])[0], self.labels[i]
+        x = self.images[i : i + 1]
+        return (x if self.raw_items else self._norm(x))[0], self.labels[i]
 
     def __getitems__(self, idx: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return self._norm(self.images[index]), self.labels[index]
+        x = self.images[index]
+        return (x if self.raw_items else self._norm(x)), self.labels[index]
+
+
+def device_items(ds) -> Optional[Normalize]:
+    """`ds.device_items()` where the dataset has it (uint8 items from now on, normalised by the
+    returned function where the batch lands), else None (items already float)."""
+    method = getattr(ds, "device_items", None)
+    return method() if method is not None else None
 
 
 def collate_batch(batch):

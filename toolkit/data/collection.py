@@ -5,8 +5,9 @@
     x = ds.normalize(x.to(device))      # (B, 3, S, S) float32: the mean/std step, on the device
 
 Items stay uint8 until they reach the device, a quarter of the bytes of float32 through the
-DataLoader workers, pinned memory and the host-to-device copy; `normalize` then does what
-torchvision's ToDtype(scale=True) + Normalize do, in the same order, on the whole batch.
+DataLoader workers, pinned memory and the host-to-device copy; `normalize` (toolkit.data.base.
+Normalize, the formula every uint8 set in the toolkit uses, training included) then does what
+torchvision's ToDtype(scale=True) + Normalize do, to within float32 rounding, on the whole batch.
 
 Unlike the training datasets, which refuse a folder with one unreadable file before any work
 starts, extraction keeps going: a gallery scraped from the web always holds a few broken
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from toolkit.data.base import TensorImageDataset
+from toolkit.data.base import Normalize, TensorImageDataset
 from toolkit.data.imagefolder import EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from toolkit.errors import ConfigError
 
@@ -50,35 +51,11 @@ def scan_collection(root: Path) -> Tuple[List[str], List[int], List[str]]:
     return [str(root / p) for p in found], labels, classes
 
 
-class Normalize:
-    """(B, 3, S, S) uint8 -> float32: x / 255, minus mean, over std (torchvision's order);
-    float input (an already normalised dataset) passes through."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
-        self.std = torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            return x
-        if self.mean.device != x.device:  # once: a blocking copy per batch would stall the GPU queue
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return x.float().mul_(1.0 / 255).sub_(self.mean).div_(self.std)
-
-
 def resize_center_crop_uint8(image_size: int):
     """PIL RGB -> (3, S, S) uint8: shorter side to S, centre crop."""
     from torchvision.transforms import v2
 
     return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
-
-
-def resize_center_crop(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """PIL RGB -> (3, S, S) float32: shorter side to S, centre crop, normalise (the eval transform)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 def _reason(e: Exception) -> str:
@@ -137,16 +114,9 @@ class SplitAsCollection(Dataset):
         self.preprocess = preprocess
         # uint8 sets (cifar, synthetic, prepared) hand out raw pixels, normalised on the device
         self.raw = isinstance(dataset, TensorImageDataset) and dataset.scale is not None
-        self.normalize = self._dataset_norm if self.raw else (lambda x: x)
-        self._shift = self._scale = None
-
-    def _dataset_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The dataset's own formula (TensorImageDataset._norm), where x is: what training saw."""
-        if x.dtype != torch.uint8:
-            return x
-        if self._shift is None or self._shift.device != x.device:  # copied once, not per batch
-            self._shift, self._scale = self.dataset.shift.to(x.device), self.dataset.scale.to(x.device)
-        return (x.float() - self._shift) / self._scale
+        # the dataset's own formula (what training saw), on the batch's device
+        self.normalize = (Normalize.from_shift_scale(dataset.shift, dataset.scale) if self.raw
+                          else (lambda x: x))
 
     def __len__(self) -> int:
         return len(self.dataset)

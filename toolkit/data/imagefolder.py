@@ -17,10 +17,12 @@ count (any case): .jpg .jpeg .png .bmp .webp .gif .tif .tiff. Each split is orde
 Per sample (in the worker), `load_resized`: the header is read with Pillow (bomb check below),
 then the pixels are decoded to a uint8 (3, H, W) RGB tensor (greyscale, palette, CMYK, RGBA all
 become 3 channels; alpha is dropped) -> the shorter side resized to `image_size` (bilinear,
-antialiased, on the uint8 tensor) -> centre crop to (image_size, image_size) -> float tensor
-normalised with ImageNet mean/std, which the pretrained torchvision backbones expect (no
-statistics are computed from the data). No random augmentation here: `data.augment` works on
-whole batches on the device. `python -m toolkit.prepare` runs the same `load_resized` once and
+antialiased, on the uint8 tensor) -> centre crop to (image_size, image_size). The engine calls
+`device_items()`, so the item stays uint8 through the worker queue, pinned memory and the copy
+to the GPU (a quarter of float32's bytes) and the batch is normalised with ImageNet mean/std
+where it lands (`toolkit.data.base.Normalize`); outside the engine an item is that float tensor.
+ImageNet statistics are what the pretrained torchvision backbones expect (none are computed from
+the data). No random augmentation here: `data.augment` works on whole batches on the device. `python -m toolkit.prepare` runs the same `load_resized` once and
 stores the uint8 result (dataset `prepared`).
 
 Decoders: 8-bit JPEG (L, RGB) and PNG (1, L, LA, RGB, RGBA, P) go through torchvision's
@@ -68,7 +70,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from toolkit.data import DATASETS
-from toolkit.data.base import Splits
+from toolkit.data.base import Normalize, Splits
 from toolkit.errors import ConfigError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -193,9 +195,12 @@ def check_images(paths: Sequence[str]) -> None:
         raise ConfigError(f"config: data.root: {len(bad)} unreadable image(s), first: {bad[0][0]} ({bad[0][1]})")
 
 
+IMAGENET = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """(..., 3, S, S) uint8 -> float32, ImageNet-normalised."""
-    return F.normalize(F.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    """(3, S, S) or (B, 3, S, S) uint8 -> float32, ImageNet-normalised."""
+    return IMAGENET(x.unsqueeze(0))[0] if x.ndim == 3 else IMAGENET(x)
 
 
 class ImageFolderDataset(Dataset):
@@ -209,6 +214,14 @@ class ImageFolderDataset(Dataset):
         self.paths = np.asarray(list(paths), dtype=np.str_)  # (N,)
         self.labels = labels
         self.image_size = image_size
+        self.raw_items = False  # True: items are uint8, normalised where the batch lands
+
+    def device_items(self) -> Normalize:
+        """From now on hand out uint8 (3, S, S) images: a quarter of the bytes through the
+        worker queues, pinned memory and the host-to-device copy. Returns the ImageNet
+        normalisation for the batches, to run on their device."""
+        self.raw_items = True
+        return IMAGENET
 
     @property
     def labels(self) -> torch.Tensor:
@@ -233,7 +246,7 @@ class ImageFolderDataset(Dataset):
         except Exception as e:  # checked at build time, so the file changed since
             msg = str(e).splitlines()[0] if str(e) else ""
             raise ConfigError(f"config: data.root: unreadable image {path} ({type(e).__name__}: {msg})") from None
-        return normalise(x), self._labels[i]  # (3, S, S) float32, () int64
+        return (x if self.raw_items else normalise(x)), self._labels[i]  # (3, S, S) uint8 or float32, () int64
 
 
 # ------------------------------------------------------------------------------------------
