@@ -334,3 +334,70 @@ def test_device_loader_on_a_folder_is_one_line(tmp_path):
                     "data.loader=device", f"run.dir={tmp_path / 'run'}"])
     fails(proc, 2, "data.loader: device: a folder collection is decoded image by image")
     assert not (tmp_path / "run" / "features" / "shards").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# the background shard writer
+
+
+def test_shard_writer_returns_before_the_write_and_reports_each_shard_once_its_marker_is_on_disk(tmp_path,
+                                                                                                 monkeypatch):
+    import threading
+
+    from toolkit import features as store
+    from toolkit.extract import ShardWriter
+
+    gate, real = threading.Event(), store.write_shard
+
+    def slow_write(*args, **kwargs):
+        assert gate.wait(30), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_shard", slow_write)
+    reported = []
+
+    def on_written(k):  # the shard is complete when it is reported, and reported in order
+        assert store.shard_marker(tmp_path, k) is not None
+        reported.append(k)
+
+    writer = ShardWriter(tmp_path, on_written)
+    feats = [torch.randn(5, 3), torch.randn(4, 3)]
+    writer.submit(0, feats[0], torch.arange(5), torch.zeros(5, dtype=torch.int64), [])
+    assert reported == [] and store.shard_marker(tmp_path, 0) is None  # submit did not wait for the write
+    gate.set()
+    writer.submit(1, feats[1], torch.arange(5, 9), torch.ones(4, dtype=torch.int64), [(9, "x.jpg", "bad")])
+    assert reported == [0]  # the next submit waited for shard 0
+    writer.close()
+    assert reported == [0, 1]
+    for k in (0, 1):
+        got = store.read_shard(tmp_path, k)
+        assert torch.equal(got["features"], feats[k])
+    assert store.shard_marker(tmp_path, 1)["bad"] == [[9, "x.jpg", "bad"]]
+
+
+def test_shard_writer_raises_a_failed_write_and_does_not_report_it(tmp_path, monkeypatch):
+    from toolkit import features as store
+    from toolkit.extract import ShardWriter
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write_shard", full_disk)
+    reported = []
+    writer = ShardWriter(tmp_path, reported.append)
+    writer.submit(0, torch.randn(2, 3), torch.arange(2), torch.zeros(2, dtype=torch.int64), [])
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert reported == []
+    assert all(not t.is_alive() for t in writer.pool._threads)  # the thread is stopped
+
+
+def test_shard_writer_abandoned_on_another_error_still_finishes_the_write_unreported(tmp_path):
+    from toolkit import features as store
+    from toolkit.extract import ShardWriter
+
+    reported = []
+    writer = ShardWriter(tmp_path, reported.append)
+    writer.submit(0, torch.randn(3, 2), torch.arange(3), torch.zeros(3, dtype=torch.int64), [])
+    writer.abandon()  # what extract() does when the loop raises
+    assert store.shard_marker(tmp_path, 0) is not None and reported == []

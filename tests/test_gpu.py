@@ -63,3 +63,31 @@ def test_ema_and_flip_tta_under_bf16_on_one_gpu(tmp_path):
               "train.ema_decay=0.99", "train.tta=flip", "data.augment=flip_crop", "log.plots=false"]))
     s = summary(run)
     assert s["ema_decay"] == 0.99 and s["tta"] == "flip" and s["test_acc"] >= 0.9
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_extraction_on_the_gpu_writes_the_cpu_features(tmp_path, loader):
+    """Shards are copied to pinned host memory and written on the background thread
+    (toolkit.extract.ShardWriter): on the GPU they must hold what the CPU computes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, _env
+    from toolkit.features import load_features
+
+    base = ["data.name=digits", "data.split=test", "model.name=lenet", "extract.shard_size=40"]
+    runs = {}
+    for name, env in (("gpu", None), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
+        proc = subprocess.run([sys.executable, "-m", "toolkit.extract", *base, f"run.dir={tmp_path / name}",
+                               f"data.loader={loader if name == 'gpu' else 'auto'}", "data.num_workers=1"],
+                              cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("device cuda" in proc.stdout) == (name == "gpu"), proc.stdout
+        runs[name] = load_features(tmp_path / name / "features")
+    gpu, cpu = runs["gpu"], runs["cpu"]
+    assert gpu.features.shape == (360, 84) and torch.equal(gpu.index, cpu.index)
+    # L2-normalised rows; cuDNN convolutions may run in TF32 on the GPU (~1e-3 relative)
+    torch.testing.assert_close(gpu.features, cpu.features, atol=3e-3, rtol=0)
+    assert (gpu.features * cpu.features).sum(1).min() > 0.9999  # cosine per row

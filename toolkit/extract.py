@@ -315,6 +315,70 @@ def _plan(n: int, shard_size: int, batch_size: int, todo: List[int]) -> List[tup
     return [(k, list(ranges[k][i:i + batch_size])) for k in todo for i in range(0, len(ranges[k]), batch_size)]
 
 
+class ShardWriter:
+    """Writes finished shards on one background thread while the next shard's batches run.
+
+        writer = ShardWriter(folder, on_written=lambda k: ...)
+        writer.submit(k, feats, index, labels, bad)   # feats (n, D) on any device
+        writer.close()                                # waits for the last write
+
+    Writing a shard (safetensors, fsync, sha256, marker) and, on a GPU, waiting for its features
+    to reach the host used to stall the model once per shard. Here the device-to-host copy is
+    only queued (into pinned memory, a CUDA event marks its end) and the thread waits for it,
+    then writes. At most one shard is in flight: `submit` first waits for the previous one and
+    then calls `on_written(k)` for it (progress, fault hooks), so memory stays bounded and a
+    failed write is raised in the caller at most one shard later. A shard counts as written
+    only once its marker is on disk, exactly as before (toolkit.features.write_shard)."""
+
+    def __init__(self, folder: Path, on_written) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.folder, self.on_written = folder, on_written
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending = None  # (k, Future)
+
+    def submit(self, k: int, feats: torch.Tensor, index: torch.Tensor, labels: torch.Tensor, bad: list) -> None:
+        self.wait()
+        ready = None
+        if feats.is_cuda:
+            host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)  # (n, D)
+            host.copy_(feats, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = feats.cpu()
+        self.pending = (k, self.pool.submit(self._write, k, host, ready, feats.device, index, labels, bad))
+
+    def _write(self, k: int, host: torch.Tensor, ready, device: torch.device, index, labels, bad) -> None:
+        from toolkit import features as store
+
+        if ready is not None:
+            with torch.cuda.device(device):  # this rank's GPU, not a new context on GPU 0
+                ready.synchronize()
+        store.write_shard(self.folder, k, host, index, labels, bad)
+
+    def wait(self) -> None:
+        """Wait for the shard in flight, if any; raise its error; report it written."""
+        if self.pending is not None:
+            k, future = self.pending
+            self.pending = None
+            future.result()
+            self.on_written(k)
+
+    def close(self) -> None:
+        """Wait for the last write (raising its error) and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """On the way out with another error: let the write in flight finish (a shard is never
+        left half-written) without reporting it or letting its own error hide the first one."""
+        self.pending = None
+        self.pool.shutdown(wait=True)
+
+
 def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     """Run the extraction (all ranks); rank 0 returns the summary once every shard is done."""
     import yaml
@@ -377,35 +441,45 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     buf: Dict[str, list] = {"f": [], "i": [], "y": [], "bad": []}
     t0, done_images, written, stop = time.perf_counter(), 0, 0, 0.0
     autocast = accelerator.autocast if e.precision != "no" else contextlib.nullcontext
-    with torch.inference_mode():
-        for j, (x, y, idx, bad) in enumerate(loader):
-            k = plan[j][0]
-            if x is not None:
-                x = source.normalize(x.to(accelerator.device, non_blocking=True))  # uint8 -> float32 there
-                if e.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    f = extractor(x)  # (B, D) float32
-                buf["f"].append(f)  # stays on the device until the shard is written: no sync per batch
-                buf["i"].append(idx)
-                buf["y"].append(y)
-                done_images += len(idx)
-            buf["bad"] += [(i, source.path(i), reason) for i, reason in bad]
-            if j == last_batch[k]:
-                feats = torch.cat(buf["f"]).cpu() if buf["f"] else torch.empty(0, 0)
-                index = torch.cat(buf["i"]) if buf["i"] else torch.empty(0, dtype=torch.int64)
-                labels = torch.cat(buf["y"]) if buf["y"] else torch.empty(0, dtype=torch.int64)
-                store.write_shard(shards, k, feats, index, labels, buf["bad"])
-                buf = {"f": [], "i": [], "y": [], "bad": []}
-                written += 1
-                if main:
-                    rate = done_images / max(time.perf_counter() - t0, 1e-9)
-                    print(f"extract: shard {k + 1}/{len(ranges)} written ({written}/{len(todo)} on rank 0, "
-                          f"{rate:,.0f} img/s)", flush=True)
-                faults.after_shard(written, rank)
-                stop = preempt.seen_locally()
-                if stop:  # between shards: what is written stays, a rerun does the rest
-                    break
+
+    def on_written(k: int) -> None:
+        nonlocal written
+        written += 1
+        if main:
+            rate = done_images / max(time.perf_counter() - t0, 1e-9)
+            print(f"extract: shard {k + 1}/{len(ranges)} written ({written}/{len(todo)} on rank 0, "
+                  f"{rate:,.0f} img/s)", flush=True)
+        faults.after_shard(written, rank)
+
+    writer = ShardWriter(shards, on_written)
+    try:
+        with torch.inference_mode():
+            for j, (x, y, idx, bad) in enumerate(loader):
+                k = plan[j][0]
+                if x is not None:
+                    x = source.normalize(x.to(accelerator.device, non_blocking=True))  # uint8 -> float32 there
+                    if e.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast():
+                        f = extractor(x)  # (B, D) float32
+                    buf["f"].append(f)  # stays on the device until the shard is written: no sync per batch
+                    buf["i"].append(idx)
+                    buf["y"].append(y)
+                    done_images += len(idx)
+                buf["bad"] += [(i, source.path(i), reason) for i, reason in bad]
+                if j == last_batch[k]:
+                    feats = torch.cat(buf["f"]) if buf["f"] else torch.empty(0, 0)
+                    index = torch.cat(buf["i"]) if buf["i"] else torch.empty(0, dtype=torch.int64)
+                    labels = torch.cat(buf["y"]) if buf["y"] else torch.empty(0, dtype=torch.int64)
+                    writer.submit(k, feats, index, labels, buf["bad"])  # written while the next shard runs
+                    buf = {"f": [], "i": [], "y": [], "bad": []}
+                    stop = preempt.seen_locally()
+                    if stop:  # between shards: what is written stays, a rerun does the rest
+                        break
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()  # the shard in flight is finished (or its error raised) before anything else
     preempt.close()
     wall = time.perf_counter() - t0
     counts = gather_object([(done_images, wall, stop)]) if world > 1 else [(done_images, wall, stop)]
