@@ -22,13 +22,6 @@ class Normalize:
         self.scale = (255.0 * torch.as_tensor(std, dtype=torch.float32)).view(1, -1, 1, 1)
         self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @classmethod
-    def from_shift_scale(cls, shift: torch.Tensor, scale: torch.Tensor) -> "Normalize":
-        """From (1, C, 1, 1) tensors already in 0..255 units (TensorImageDataset's)."""
-        norm = cls([0.0], [1.0])
-        norm.shift, norm.scale = shift, scale
-        return norm
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             return x
@@ -55,25 +48,24 @@ class TensorImageDataset(Dataset):
         assert (images.dtype == torch.uint8) == (mean is not None and std is not None)
         self.images = images  # (N, C, H, W) float32 normalised, or uint8
         self.labels = labels  # (N,) int64
-        self.scale = None if mean is None else (255.0 * std).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        self.shift = None if mean is None else (255.0 * mean).view(1, -1, 1, 1)
+        self.norm = None if mean is None else Normalize(mean, std)  # uint8 -> float32, any device
         self.raw_items = False  # True: items are the stored uint8, see device_items()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.scale is None else (x.float() - self.shift) / self.scale
+        return x if self.norm is None else self.norm(x)
 
     def device_items(self) -> Optional[Normalize]:
         """For a uint8 set: from now on hand out uint8 images (a quarter of the bytes through
         worker queues, pinned memory and the host-to-device copy) and return the function that
         normalises a batch of them on its device, with this dataset's own formula. None for a
         float set (its items are already normalised)."""
-        if self.scale is None:
+        if self.norm is None:
             return None
         self.raw_items = True
-        return Normalize.from_shift_scale(self.shift, self.scale)  # the same numbers as _norm
+        return self.norm
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.images[i : i + 1]

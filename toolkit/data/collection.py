@@ -113,10 +113,9 @@ class SplitAsCollection(Dataset):
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64)  # (N,)
         self.preprocess = preprocess
         # uint8 sets (cifar, synthetic, prepared) hand out raw pixels, normalised on the device
-        self.raw = isinstance(dataset, TensorImageDataset) and dataset.scale is not None
-        # the dataset's own formula (what training saw), on the batch's device
-        self.normalize = (Normalize.from_shift_scale(dataset.shift, dataset.scale) if self.raw
-                          else (lambda x: x))
+        self.raw = isinstance(dataset, TensorImageDataset) and dataset.norm is not None
+        # the dataset's own Normalize (what training saw), on the batch's device
+        self.normalize = dataset.norm if self.raw else (lambda x: x)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -82,8 +82,7 @@ class DeviceLoader(DataLoaderStateMixin):
         self.device, self.rank, self.world = device, rank, world
         self.gradient_state = gradient_state
         self.images, self.labels = _on_device(dataset, device)  # (N, C, H, W), (N,)
-        self.scale = None if dataset.scale is None else dataset.scale.to(device)  # (1, C, 1, 1)
-        self.shift = None if dataset.shift is None else dataset.shift.to(device)
+        self.norm = dataset.norm  # the dataset's own Normalize (None: float, already normalised)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -94,7 +93,7 @@ class DeviceLoader(DataLoaderStateMixin):
             self.sampler.set_epoch(epoch)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.scale is None else (x.float() - self.shift) / self.scale
+        return x if self.norm is None else self.norm(x)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate(0)
