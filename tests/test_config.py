@@ -223,6 +223,7 @@ def test_infinite_lr_rejected():
 @pytest.mark.parametrize("override,key,choices", [
     ("train.precision=fp8", "train.precision", ["no", "bf16", "fp16"]),
     ("log.progress=xyz", "log.progress", ["auto", "rich", "plain", "none"]),
+    ("train.nonfinite=ignore", "train.nonfinite", ["skip", "stop"]),
 ])
 def test_unknown_mode_lists_choices(override, key, choices):
     msg = config_error(None, [override])

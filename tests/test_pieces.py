@@ -423,6 +423,15 @@ def test_faults_nonfinite_single_step(clean_env):
         [False, False, False, True, False, False]
 
 
+def test_faults_nonfinite_on_one_rank(clean_env):
+    clean_env.setenv("TOOLKIT_FAULT_NONFINITE_STEPS", "2-3@1")
+    f = Faults.from_env()
+    assert f.nonfinite == (2, 3) and f.nonfinite_rank == 1
+    assert [math.isnan(f.loss(torch.tensor(1.0), s, rank=1).item()) for s in range(1, 5)] == \
+        [False, True, True, False]
+    assert not any(math.isnan(f.loss(torch.tensor(1.0), s, rank=0).item()) for s in range(1, 5))
+
+
 def test_faults_raise_at_rank(clean_env):
     clean_env.setenv("TOOLKIT_FAULT_RAISE_AT_STEP", "7@1")
     f = Faults.from_env()

@@ -220,6 +220,29 @@ def test_a_run_of_nonfinite_losses_aborts_and_keeps_the_last_good_checkpoint(tmp
     assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_nonfinite_stop_ends_the_run_with_only_checkpoints_from_before(tmp_path, ranks):
+    """train.nonfinite=stop: no per-step check, so the NaN at step 43 (on rank 1 only, with 2
+    ranks: DDP's gradient all-reduce spreads it) poisons the weights; the checkpoint due at step
+    45 checks first and stops the run, on every rank, leaving steps 39 and 40."""
+    run = tmp_path / "run"
+    args = ["--config", DEMO, "train.epochs=3", "sched.milestones=[]", f"run.dir={run}",
+            "train.nonfinite=stop", "train.checkpoint_every_steps=5", "log.tensorboard=false"]
+    env = {"TOOLKIT_FAULT_NONFINITE_STEPS": "43" if ranks == 1 else "43@1"}
+    proc = train(args, env=env) if ranks == 1 else launch(args, env=env)
+    assert proc.returncode == 3 if ranks == 1 else proc.returncode != 0
+    losses = 3 if ranks == 1 else 5  # steps 43-45 on rank 1, 44-45 on rank 0
+    assert (f"error: loss was non-finite between steps 41 and 45 ({losses} non-finite micro-batch losses "
+            f"over {ranks} rank(s); train.nonfinite=stop); stopped at step 45" in proc.stderr), proc.stderr[-3000:]
+    ckpts = checkpoint.list_checkpoints(run / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_40", "step_39"]
+    for c in ckpts:
+        assert checkpoint.verify(c) is None
+        assert all(torch.isfinite(w).all() for w in weights(c / "model.safetensors").values())
+    assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in metrics(run))  # the log at step 40 was before it
+
+
 def test_a_rank_that_raises_ends_the_whole_job_quickly(tmp_path):
     t0 = time.monotonic()
     proc = launch(["--config", DEMO, f"run.dir={tmp_path / 'run'}", "train.dist_timeout_s=60",

@@ -130,7 +130,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     preempt_check_steps: int = 10  # how often the ranks agree on a stop request (SIGUSR1, RUN/.preempt, SIGTERM)
     keep_last: int = 2  # complete checkpoints kept on disk
-    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops (nonfinite=skip)
+    # skip: every step waits for its loss and skips a non-finite one (one host sync per step);
+    # stop: no per-step sync; non-finite losses are counted on the device and checked at each log
+    # step, checkpoint and epoch end, and the first check that finds one stops the run
+    nonfinite: str = "skip"
     dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job after this
 
 
@@ -377,6 +381,8 @@ def validate(cfg: Config) -> None:
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
     _need(t.tta in ("none", "flip"), "train.tta", f"unknown mode {t.tta!r}; choose one of: flip, none")
     _need(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _need(t.nonfinite in ("skip", "stop"), "train.nonfinite",
+          f"unknown mode {t.nonfinite!r}; choose one of: skip, stop")
     _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     _need(t.preempt_check_steps >= 1, "train.preempt_check_steps", f"must be >= 1, got {t.preempt_check_steps}")
     _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",

@@ -205,12 +205,19 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
                 clip_grad_norm: Optional[float], max_nonfinite: int, log_every: int,
                 channels_last: bool, faults: Faults, augment: Optional[Callable] = None,
                 tap: Optional[FeatureTap] = None, mix: Optional[Callable] = None, ema: Optional[ModelEma] = None,
-                normalize: Optional[Callable] = None,
+                normalize: Optional[Callable] = None, nonfinite: str = "skip",
                 on_step: Callable[[TrainState, Callable[[], torch.Tensor]], None]) -> List[float]:
     """One pass over `loader` (already positioned past `state.batch` batches). `ema`, when given,
     is updated after every optimizer step; `normalize`, when given, turns the loader's uint8
     batches into float ones on the device (toolkit.data.base.Normalize). `on_step(state, read_sums)` runs after every optimizer
     step; `read_sums()` gives this rank's running sums (for a checkpoint), only when called.
+
+    `nonfinite` (train.nonfinite): "skip" checks every micro-batch's loss before backward, all
+    ranks agreeing, and skips non-finite ones (one all-reduce and host sync per micro-batch);
+    "stop" never waits for the loss: each rank counts non-finite losses on the device, and the
+    count is checked (all ranks together) at every log step, before every checkpoint
+    (`read_sums`, which is collective) and at the epoch's end. A check that finds one raises
+    NonFiniteLossError, so no weights from after a non-finite step are saved or evaluated.
 
     Returns the epoch's (loss * n, correct, n) summed over all ranks.
     """
@@ -229,8 +236,23 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         log_loss_sum += state.log_sums[0]
         log_n = state.log_sums[1]
 
+    bad_sum = torch.zeros((), dtype=torch.float64, device=device)  # "stop": non-finite losses not yet checked
+    checked_step = state.step
+
+    def raise_if_bad(bad: float) -> None:  # "stop": `bad` summed over ranks
+        if bad > 0:
+            raise NonFiniteLossError(
+                f"loss was non-finite between steps {checked_step + 1} and {state.step} ({bad:.0f} "
+                f"non-finite micro-batch losses over {world} rank(s); train.nonfinite=stop); stopped at step "
+                f"{state.step}, checkpoints left as they were (the newest is from before step {checked_step + 1})")
+
     def read_sums() -> torch.Tensor:
-        """This rank's (loss * n, correct, n, loss * n since the last log, n since the last log)."""
+        """This rank's (loss * n, correct, n, loss * n since the last log, n since the last log).
+        Under "stop", first checks (collectively) that no loss since the last check was non-finite."""
+        nonlocal checked_step
+        if nonfinite == "stop":
+            raise_if_bad(accelerator.reduce(bad_sum, reduction="sum").item())
+            checked_step = state.step
         return torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(n_sum), log_loss_sum,
                             loss_sum.new_tensor(log_n)])
 
@@ -253,9 +275,12 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
             with autocast():
                 logits = model(x)  # (B / world, C)
                 loss = _loss(criterion, logits, y, tap)
-            loss = faults.loss(loss, state.step + 1)
+            loss = faults.loss(loss, state.step + 1, accelerator.process_index)
             finite = torch.isfinite(loss.detach())
-            if world > 1:
+            if nonfinite == "stop":  # counted on the device, checked later: no host sync here
+                bad_sum.add_(~finite)
+                bad = False
+            elif world > 1:
                 bad = accelerator.reduce((~finite).float(), reduction="sum").item() > 0
             else:
                 bad = not finite.item()
@@ -304,8 +329,12 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         t_last, images_last = now, state.images
         shown_loss = None
         if state.step % log_every == 0:
-            tot = accelerator.reduce(torch.stack([log_loss_sum, log_loss_sum.new_tensor(log_n)]), reduction="sum")
-            shown_loss = (tot[0] / tot[1].clamp(min=1)).item()
+            tot = accelerator.reduce(torch.stack([log_loss_sum, log_loss_sum.new_tensor(log_n), bad_sum]),
+                                     reduction="sum").tolist()  # the "stop" check rides on the log's reduce
+            if nonfinite == "stop":
+                raise_if_bad(tot[2])
+                checked_step = state.step
+            shown_loss = tot[0] / max(tot[1], 1.0)
             tracker.log("train", state.step, {"loss": shown_loss, "lr": scheduler.get_last_lr()[0],
                                               "epoch": state.epoch, "images_per_s": ips})
             log_loss_sum.zero_()
@@ -672,6 +701,9 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     set_seed(cfg.run.seed, deterministic=t.deterministic)
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # Not deterministic: let cuDNN time its algorithms for each new input shape and keep the
+    # fastest (the shapes repeat every step here); a no-op without CUDA.
+    torch.backends.cudnn.benchmark = not t.deterministic
 
     with accelerator.main_process_first():  # one rank downloads/extracts; the others then read
         splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
@@ -777,7 +809,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         tracker.start_epoch(epoch, t.epochs, run.steps_per_epoch * t.grad_accum_steps, state.batch)
         loss_n, correct, n = train_epoch(
             run.model, run.criterion, run.optimizer, run.scheduler, loader, accelerator, state, tracker,
-            clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite,
+            clip_grad_norm=t.clip_grad_norm, max_nonfinite=t.max_nonfinite, nonfinite=t.nonfinite,
             log_every=cfg.log.every_n_steps, channels_last=t.channels_last, faults=faults,
             augment=run.augment, tap=run.tap, mix=run.mix, ema=ema, normalize=run.train_norm, on_step=on_step)
         tracker.end_epoch()

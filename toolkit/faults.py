@@ -3,7 +3,7 @@
 Set through environment variables, read once per run; all are off unless set.
   TOOLKIT_FAULT_KILL_AT_STEP=N[@RANK]    SIGKILL this process right after optimizer step N
   TOOLKIT_FAULT_RAISE_AT_STEP=N[@RANK]   raise RuntimeError right after optimizer step N
-  TOOLKIT_FAULT_NONFINITE_STEPS=A-B      make the loss NaN for optimizer steps A..B (1-based)
+  TOOLKIT_FAULT_NONFINITE_STEPS=A-B[@RANK]  make the loss NaN for optimizer steps A..B (1-based)
   TOOLKIT_FAULT_KILL_AT_SHARD=N[@RANK]   extraction: SIGKILL this process right after it wrote its Nth shard
   TOOLKIT_FAULT_STEP_SLEEP=SECONDS       sleep after every optimizer step (a slow run, to interrupt)
 RANK defaults to every rank. Steps count optimizer updates over the whole run.
@@ -39,21 +39,24 @@ class Faults:
     kill: Optional[Tuple[int, Optional[int]]] = None
     raise_: Optional[Tuple[int, Optional[int]]] = None
     nonfinite: Optional[Tuple[int, int]] = None
+    nonfinite_rank: Optional[int] = None  # None: every rank
     kill_shard: Optional[Tuple[int, Optional[int]]] = None
     step_sleep: float = 0.0
 
     @classmethod
     def from_env(cls) -> "Faults":
         env = os.environ
+        nonfinite, _, nonfinite_rank = (env.get("TOOLKIT_FAULT_NONFINITE_STEPS") or "").partition("@")
         return cls(kill=_at(env.get("TOOLKIT_FAULT_KILL_AT_STEP")),
                    raise_=_at(env.get("TOOLKIT_FAULT_RAISE_AT_STEP")),
-                   nonfinite=_range(env.get("TOOLKIT_FAULT_NONFINITE_STEPS")),
+                   nonfinite=_range(nonfinite), nonfinite_rank=int(nonfinite_rank) if nonfinite_rank else None,
                    kill_shard=_at(env.get("TOOLKIT_FAULT_KILL_AT_SHARD")),
                    step_sleep=float(env.get("TOOLKIT_FAULT_STEP_SLEEP") or 0))
 
-    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+    def loss(self, loss: torch.Tensor, step: int, rank: int = 0) -> torch.Tensor:
         """`step`: the 1-based optimizer step this micro-batch contributes to."""
-        if self.nonfinite and self.nonfinite[0] <= step <= self.nonfinite[1]:
+        if (self.nonfinite and self.nonfinite[0] <= step <= self.nonfinite[1]
+                and self.nonfinite_rank in (None, rank)):
             return loss * float("nan")
         return loss
 
