@@ -55,6 +55,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 SchedulerType=sched/backfill
+# start batch jobs as soon as they are submitted (by default scheduling may wait up to 3 s to batch them)
+SchedulerParameters=batch_sched_delay=0
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
