@@ -20,7 +20,7 @@ Three workloads, each under two settings, in one process (state reset between co
 
 Training images/s: `fit` with log.every_n_steps=1 writes one "train" row per optimizer step to
 RUN/metrics.jsonl; its images_per_s is that step's batch over the wall time since the previous
-step (the engine syncs on every step for its non-finite check, so each interval holds one
+step (the log's reduce waits for the device at every logged step, so each interval holds one
 step's GPU work). The first epoch (compile, cuDNN warm-up) is dropped; the table shows the
 median of the remaining steps (harmonic mean and spread in the JSON). Validation, checkpoints
 and the test pass fall between steps and are not counted, as in the engine's own figure.
@@ -408,7 +408,8 @@ def main() -> None:
         p.add_argument("--loader", choices=("auto", "device", "dataloader"), default=None,
                        help="data.loader for training (default: the config's default)")
     p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="set torch.backends.cudnn.benchmark (the engine leaves it off)")
+                   help="set torch.backends.cudnn.benchmark for extraction (training runs use "
+                        "train.deterministic=false, with which the engine turns it on itself)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip a config that would likely end after this many seconds (rough H100 estimates)")
     p.add_argument("--workdir", help="run directories go here (default: a temporary directory, deleted)")
@@ -431,9 +432,9 @@ def main() -> None:
 
     dev = {"type": device.type, "name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "cudnn_benchmark": torch.backends.cudnn.benchmark, "threads": torch.get_num_threads()}
+           "cudnn_benchmark_extract": args.cudnn_benchmark, "threads": torch.get_num_threads()}
     say(f"device {dev['name']} ({device.type}), torch {dev['torch']}, CUDA {dev['cuda']}, "
-        f"cudnn.benchmark {dev['cudnn_benchmark']}, workers {args.workers}"
+        f"cudnn.benchmark for extraction {dev['cudnn_benchmark_extract']}, workers {args.workers}"
         + (f", data.loader {args.loader or 'default'}" if HAS_LOADER else ", (no data.loader key)"))
     if cuda and "H100" not in dev["name"]:
         say(f"warning: MFU 'spec' uses the H100 SXM peak; this GPU is {dev['name']}")
@@ -487,11 +488,13 @@ def main() -> None:
                     continue
                 say(f"{bench['title']} {setting}: running")
                 reset(device)
+                torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fit sets it again for training
                 try:
                     if bench["kind"] == "train":
                         row["result"] = train_config(bench, setting, args, device, work)
                     else:
                         row["result"] = extract_config(bench, setting, args, device, work, source, warm)
+                    row["result"]["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # as the run left it
                     if device.type == "cuda":
                         row["result"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     by_setting[setting] = row

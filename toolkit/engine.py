@@ -239,25 +239,31 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
     bad_sum = torch.zeros((), dtype=torch.float64, device=device)  # "stop": non-finite losses not yet checked
     checked_step = state.step
 
-    def raise_if_bad(bad: float) -> None:  # "stop": `bad` summed over ranks
+    def check(bad: float) -> None:
+        """"stop": `bad` is bad_sum summed over ranks; every rank calls this at the same step."""
+        nonlocal checked_step
+        if nonfinite != "stop":
+            return
         if bad > 0:
             raise NonFiniteLossError(
                 f"loss was non-finite between steps {checked_step + 1} and {state.step} ({bad:.0f} "
                 f"non-finite micro-batch losses over {world} rank(s); train.nonfinite=stop); stopped at step "
                 f"{state.step}, checkpoints left as they were (the newest is from before step {checked_step + 1})")
+        checked_step = state.step
 
     def read_sums() -> torch.Tensor:
         """This rank's (loss * n, correct, n, loss * n since the last log, n since the last log).
         Under "stop", first checks (collectively) that no loss since the last check was non-finite."""
-        nonlocal checked_step
         if nonfinite == "stop":
-            raise_if_bad(accelerator.reduce(bad_sum, reduction="sum").item())
-            checked_step = state.step
+            check(accelerator.reduce(bad_sum, reduction="sum").item())
         return torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(n_sum), log_loss_sum,
                             loss_sum.new_tensor(log_n)])
 
+    # Training time counts every step and the host's waits for the device (the log step's reduce,
+    # the epoch's last one), not checkpoints. images/s is over a log window: under "stop" the host
+    # runs ahead of the device between log steps, so a single step's time says nothing.
     t_last = time.perf_counter()
-    images_last = state.images
+    win_images, win_time = state.images, state.train_time_s  # where the log window began
     # Accelerate's contexts cost ~0.2 ms per step each; enter them only when they do something.
     accumulate = accelerator.accumulate if accelerator.gradient_accumulation_steps > 1 else _no_context
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else _no_context
@@ -323,18 +329,18 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
             if world > 1:
                 ema.sync_buffers()
         state.step += 1
-        now = time.perf_counter()
-        state.train_time_s += now - t_last
-        ips = (state.images - images_last) / max(now - t_last, 1e-9)
-        t_last, images_last = now, state.images
         shown_loss = None
-        if state.step % log_every == 0:
+        logging = state.step % log_every == 0
+        if logging:  # waits for this rank's queued device work
             tot = accelerator.reduce(torch.stack([log_loss_sum, log_loss_sum.new_tensor(log_n), bad_sum]),
                                      reduction="sum").tolist()  # the "stop" check rides on the log's reduce
-            if nonfinite == "stop":
-                raise_if_bad(tot[2])
-                checked_step = state.step
+            check(tot[2])
             shown_loss = tot[0] / max(tot[1], 1.0)
+        now = time.perf_counter()
+        state.train_time_s += now - t_last
+        ips = (state.images - win_images) / max(state.train_time_s - win_time, 1e-9)
+        if logging:
+            win_images, win_time = state.images, state.train_time_s
             tracker.log("train", state.step, {"loss": shown_loss, "lr": scheduler.get_last_lr()[0],
                                               "epoch": state.epoch, "images_per_s": ips})
             log_loss_sum.zero_()
@@ -344,6 +350,7 @@ def train_epoch(model: nn.Module, criterion: nn.Module, optimizer, scheduler, lo
         faults.after_step(state.step, accelerator.process_index)
         t_last = time.perf_counter()  # checkpoint time is not training time
     both = accelerator.reduce(read_sums(), reduction="sum").tolist()
+    state.train_time_s += time.perf_counter() - t_last  # the loader's end and this wait for the device
     state.log_sums = both[3:]  # the log window runs on into the next epoch
     return both[:3]
 

@@ -20,11 +20,15 @@ from typing import Optional, Tuple
 import torch
 
 
+def _split_rank(value: Optional[str]) -> Tuple[str, Optional[int]]:
+    """"X@R" -> ("X", R); "X" -> ("X", None): the rank a fault applies to (None: every rank)."""
+    head, _, rank = (value or "").partition("@")
+    return head, (int(rank) if rank else None)
+
+
 def _at(value: Optional[str]) -> Optional[Tuple[int, Optional[int]]]:
-    if not value:
-        return None
-    step, _, rank = value.partition("@")
-    return int(step), (int(rank) if rank else None)
+    step, rank = _split_rank(value)
+    return (int(step), rank) if step else None
 
 
 def _range(value: Optional[str]) -> Optional[Tuple[int, int]]:
@@ -46,10 +50,10 @@ class Faults:
     @classmethod
     def from_env(cls) -> "Faults":
         env = os.environ
-        nonfinite, _, nonfinite_rank = (env.get("TOOLKIT_FAULT_NONFINITE_STEPS") or "").partition("@")
+        nonfinite, nonfinite_rank = _split_rank(env.get("TOOLKIT_FAULT_NONFINITE_STEPS"))
         return cls(kill=_at(env.get("TOOLKIT_FAULT_KILL_AT_STEP")),
                    raise_=_at(env.get("TOOLKIT_FAULT_RAISE_AT_STEP")),
-                   nonfinite=_range(nonfinite), nonfinite_rank=int(nonfinite_rank) if nonfinite_rank else None,
+                   nonfinite=_range(nonfinite), nonfinite_rank=nonfinite_rank,
                    kill_shard=_at(env.get("TOOLKIT_FAULT_KILL_AT_SHARD")),
                    step_sleep=float(env.get("TOOLKIT_FAULT_STEP_SLEEP") or 0))
 
