@@ -11,6 +11,9 @@ engine's settings) over:
   b) `imagefolder` now: torchvision (libjpeg-turbo) decode + tensor resize/crop
   c) `prepared`: the arrays `python -m toolkit.prepare` wrote, no workers (whole batches by
      indexing, normalised per batch)
+  d) `data.decode=device`: the workers hand out JPEG bytes; each batch is decoded (one batched
+     `decode_jpeg`), resized and normalised where it lands (`DeviceDecode`: nvJPEG and the GPU on
+     a GPU machine, libjpeg-turbo in the main process on a CPU one)
 Each pass includes starting the workers (fork). Contenders alternate over `--repeats` rounds
 and the medians are compared, so drift in the machine's speed hits all of them. The one-off
 costs of (c) are reported too: `prepare` (check + decode + write) and loading the arrays.
@@ -40,6 +43,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from toolkit.data import DATASETS, collate_batch
+from toolkit.data.base import collate_for
 from toolkit.data import imagefolder as imf
 from toolkit.prepare import prepare
 
@@ -156,6 +160,21 @@ def steady_pass(ds, batch: int, workers: int, prefetch: int, non_blocking: bool)
     return ips
 
 
+def device_pass(ds, batch: int, workers: int, device: torch.device) -> float:
+    """Images/s of one full pass with data.decode=device: the workers hand out JPEG bytes, each
+    batch is decoded, resized and normalised by DeviceDecode on `device` (worker start included)."""
+    norm = ds.device_decode(device)
+    loader = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_for(ds),
+                        pin_memory=False, persistent_workers=False)
+    n = 0
+    t0 = time.perf_counter()
+    for x, _ in loader:
+        n += len(norm(x))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
@@ -195,11 +214,15 @@ def main() -> None:
         y = torch.tensor(labels, dtype=torch.int64)
         old = PillowFolder(paths, y, args.image_size)
         new = imf.ImageFolderDataset(paths, y, args.image_size)
+        encoded = imf.ImageFolderDataset(paths, y, args.image_size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         contenders = {
             "a) imagefolder, Pillow decode + Pillow resize (before)": lambda: one_pass(old, args.batch, args.workers),
             "b0) Pillow decode + tensor resize": lambda: one_pass(new, args.batch, args.workers, fast_decode=False),
             "b) imagefolder now: torchvision decode + tensor resize": lambda: one_pass(new, args.batch, args.workers),
             "c) prepared (uint8 arrays, 0 workers)": lambda: one_pass(prepared.train, args.batch, 0),
+            f"d) data.decode=device: JPEG bytes, decode + resize on {device.type}":
+                lambda: device_pass(encoded, args.batch, args.workers, device),
         }
         if not args.skip_compare:
             for fn in contenders.values():  # warm-up: page cache, imports in the workers

@@ -1,4 +1,5 @@
-"""GPU-only paths: fp16 with the gradient scaler, and DeepSpeed ZeRO. Skipped without CUDA."""
+"""GPU-only paths: fp16 with the gradient scaler, DeepSpeed ZeRO, the device loader, extraction
+and image-folder decoding on the GPU. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -91,3 +92,28 @@ def test_extraction_on_the_gpu_writes_the_cpu_features(tmp_path, loader):
     # L2-normalised rows; cuDNN convolutions may run in TF32 on the GPU (~1e-3 relative)
     torch.testing.assert_close(gpu.features, cpu.features, atol=3e-3, rtol=0)
     assert (gpu.features * cpu.features).sum(1).min() > 0.9999  # cosine per row
+
+
+@cuda
+@pytest.mark.gpu
+def test_device_decode_on_the_gpu_matches_the_workers(tmp_path):
+    """data.decode=device on a GPU: nvJPEG decodes, the resize runs on the GPU. Its batches are
+    close to the workers' libjpeg-turbo + CPU resize ones (the IDCTs and resize kernels differ
+    by a few levels), and a training run with it completes."""
+    from test_device_decode import _folder_args, batches, folder
+
+    from toolkit.data.base import collate_for
+    from test_imagefolder import build
+
+    root = folder(tmp_path)
+    ds_w, ds_d = build(root).test, build(root).test
+    want = batches(ds_w, "workers")
+    norm = ds_d.device_decode(torch.device("cuda"))
+    got = [norm(x) for x, _ in torch.utils.data.DataLoader(ds_d, batch_size=5, num_workers=2,
+                                                           collate_fn=collate_for(ds_d))]
+    for (xw, _), xd in zip(want, got):
+        assert xd.device.type == "cuda" and xd.shape == xw.shape
+        diff = (xd.cpu() - xw).abs() * 0.224 * 255  # in uint8 levels (roughly)
+        assert diff.mean() < 1.5 and diff.max() < 24, (diff.mean(), diff.max())
+    ok(train(_folder_args(tmp_path, "run", "data.decode=device")))
+    assert summary(tmp_path / "run")["decode"] == "device"

@@ -43,6 +43,7 @@ class DataConfig:
     eval_batch_size: int = 256  # global
     num_workers: int = 0
     loader: str = "auto"  # auto | device (training set gathered on the device) | dataloader
+    decode: str = "workers"  # imagefolder: workers (decode + resize per image) | device (JPEGs decoded in batches where the batch lands)
     drop_last: bool = True  # training only; keeps every step's global batch full
     split_seed: int = 0  # fixed split, independent of run.seed
     limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
@@ -359,6 +360,10 @@ def validate(cfg: Config) -> None:
           f"unknown distance {cfg.loss.distance!r}; choose one of: cosine, euclidean")
     _need(cfg.loss.margin >= 0, "loss.margin", f"must be >= 0, got {cfg.loss.margin}")
     _need(cfg.loss.ce_weight >= 0, "loss.ce_weight", f"must be >= 0, got {cfg.loss.ce_weight}")
+    _need(d.decode in ("workers", "device"), "data.decode",
+          f"unknown mode {d.decode!r}; choose one of: device, workers")
+    _need(d.decode == "workers" or d.name == "imagefolder", "data.decode",
+          f"device decodes image-folder JPEGs; data.name={d.name} has none (use workers)")
     _need(d.loader in ("auto", "device", "dataloader"), "data.loader",
           f"unknown loader {d.loader!r}; choose one of: auto, dataloader, device")
     _need(d.sampler in ("random", "pk"), "data.sampler",

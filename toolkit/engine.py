@@ -36,8 +36,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from toolkit import checkpoint
 from toolkit.config import Config, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
-from toolkit.data import DATASETS, collate_batch
-from toolkit.data.base import device_items
+from toolkit.data import DATASETS
+from toolkit.data.base import collate_for, device_items
 from toolkit.data.augment import AUGMENTS
 from toolkit.data.device_loader import DeviceLoader, agreed_reason, device_loader_reason
 from toolkit.data.mix import BatchMix
@@ -176,7 +176,7 @@ def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int
     if drop_last and len(splits.train) < batch_size:
         raise ConfigError(f"config: data.batch_size: {batch_size} is larger than the training split "
                           f"({len(splits.train)} images); lower it or set data.drop_last=false")
-    common = dict(collate_fn=collate_batch, num_workers=num_workers,
+    common = dict(num_workers=num_workers,
                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
     if sampler == "pk":
         if (batch_size // world) % pk_k:
@@ -190,9 +190,10 @@ def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int
     else:
         order = EpochSampler(len(splits.train), seed)
     train = DataLoader(splits.train, batch_size=batch_size, sampler=order, drop_last=drop_last,
-                       generator=torch.Generator().manual_seed(seed), **common)
-    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common)
-    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common)
+                       generator=torch.Generator().manual_seed(seed), collate_fn=collate_for(splits.train), **common)
+    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, collate_fn=collate_for(splits.val), **common)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, collate_fn=collate_for(splits.test),
+                      **common)
     return train, val, test, order
 
 
@@ -582,7 +583,10 @@ class _StageRun:
         optimizer = OPTIMIZERS.build(c.optim.name, params=groups, **optim_kw)
         # uint8 sets and image folders hand out uint8 items, normalised where the batch lands
         # (a quarter of the bytes through workers, pinned memory and the copy to the GPU)
-        self.norm = {k: device_items(getattr(splits, k)) for k in ("train", "val", "test")}
+        # (data.decode=device: image folders hand out JPEG bytes, decoded on the device)
+        self.norm = {k: (getattr(splits, k).device_decode(accelerator.device) if d.decode == "device"
+                         else device_items(getattr(splits, k))) for k in ("train", "val", "test")}
+        self.decode = "device" if getattr(splits.train, "encoded", False) else "workers"  # as it happened
         train_dl, val_dl, test_dl, self.sampler = make_loaders(
             splits, d.batch_size, d.eval_batch_size, d.num_workers, d.drop_last, seed,
             accelerator.num_processes, d.sampler, d.pk_k)
@@ -859,7 +863,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
     train_eval = None
     if log.plots:  # the training split once more, unaugmented: its confusion matrix and features
         train_eval_dl = accelerator.prepare(DataLoader(splits.train, batch_size=d.eval_batch_size, shuffle=False,
-                                                       collate_fn=collate_batch, num_workers=d.num_workers))
+                                                       collate_fn=collate_for(splits.train), num_workers=d.num_workers))
         train_eval = evaluate(run.eval_model, run.eval_criterion, train_eval_dl, accelerator, num_classes,
                               t.channels_last, run.eval_tap, tta=t.tta, normalize=run.norm["train"],
                               keep=_plot_sample(len(splits.train), log.embed_max, cfg.run.seed))
@@ -873,7 +877,7 @@ def _fit(cfg: Config, on_epoch_end, optim_from_config: bool, lock_wait_s: float,
         "images_per_s": state.images / max(state.train_time_s, 1e-9),
         "train_time_s": state.train_time_s, "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-        "precision": t.precision, "loader": run.loader, "ema_decay": t.ema_decay, "tta": t.tta, "num_params": num_params, "num_trainable_params": run.num_trainable, "nonfinite_steps": state.nonfinite_total,
+        "precision": t.precision, "loader": run.loader, "decode": run.decode, "ema_decay": t.ema_decay, "tta": t.tta, "num_params": num_params, "num_trainable_params": run.num_trainable, "nonfinite_steps": state.nonfinite_total,
         "resumed_from": str(resume_path) if resume_path else None,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])),
         "run_dir": str(run_dir),

@@ -91,6 +91,12 @@ def collate_batch(batch):
     return torch.utils.data.default_collate(batch)
 
 
+def collate_for(ds):
+    """The collate function for `ds`'s items: the dataset's own (`ds.collate`) where it has
+    one (image folders under data.decode=device), else `collate_batch`."""
+    return getattr(ds, "collate", None) or collate_batch
+
+
 @dataclass
 class Splits:
     train: Dataset

@@ -25,6 +25,12 @@ ImageNet statistics are what the pretrained torchvision backbones expect (none a
 the data). No random augmentation here: `data.augment` works on whole batches on the device. `python -m toolkit.prepare` runs the same `load_resized` once and
 stores the uint8 result (dataset `prepared`).
 
+`data.decode=device` (the engine calls `device_decode()` instead): a worker hands out an 8-bit
+JPEG as its file bytes and decodes anything else as above; `collate_for_device` keeps the batch as
+a list (EncodedBatch) and `DeviceDecode` decodes its JPEGs in one `torchvision.io.decode_jpeg`
+call on the training device (nvJPEG on a GPU), resizes and crops them there with the same
+`resize_crop`, and normalises the stacked batch. On the CPU both paths give identical pixels.
+
 Decoders: 8-bit JPEG (L, RGB) and PNG (1, L, LA, RGB, RGBA, P) go through torchvision's
 libjpeg-turbo/libpng ops, everything else (CMYK JPEG, 16-bit PNG, BMP, WebP, GIF, TIFF) through
 Pillow's `convert("RGB")`. Measured (docs/benchmarks.md, "Folder pipeline"; one thread, 112 px,
@@ -57,6 +63,7 @@ smoke runs check only what they use.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -67,6 +74,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from toolkit.data import DATASETS
@@ -151,6 +159,72 @@ def decode_uint8(path: str) -> torch.Tensor:
     return x
 
 
+def read_for_device(path: str, image_size: int) -> torch.Tensor:
+    """`data.decode=device`, in the worker: an 8-bit JPEG (L, RGB) comes back as its file bytes,
+    (B,) uint8, to be decoded where the batch lands (`DeviceDecode`); any other file is decoded
+    and resized here, (3, S, S) uint8, as `load_resized` does."""
+    with open(path, "rb") as f:
+        with Image.open(f) as im:  # reads the header only
+            _check_pixels(im)
+            jpeg = FAST_DECODE and im.format == "JPEG" and im.mode in _FAST_MODES["JPEG"]
+        if jpeg:
+            f.seek(0)
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # (B,)
+    return load_resized(path, image_size)
+
+
+class EncodedBatch:
+    """A batch of `read_for_device` items: JPEG bytes (B_i,) and decoded (3, S, S) images.
+    Neither the DataLoader's pinning nor Accelerate's move to the device looks inside (it has no
+    `to`/`pin_memory`), so the bytes stay on the host, where GPU decoding wants its input; with
+    `split_batches` each rank's loader collates its own slice, so nothing slices it either."""
+
+    def __init__(self, items: list[torch.Tensor]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def collate_for_device(batch):
+    """[(item, label)] -> (EncodedBatch, (N,) int64)."""
+    return EncodedBatch([x for x, _ in batch]), torch.stack([y for _, y in batch])
+
+
+class DeviceDecode:
+    """`data.decode=device`: EncodedBatch -> (N, 3, S, S) float32 on `device`, ImageNet-normalised.
+    The JPEGs of a batch are decoded in one `torchvision.io.decode_jpeg` call on the device (nvJPEG
+    on a GPU, libjpeg-turbo on the CPU), each resized and centre-cropped there as `resize_crop`
+    does in a worker, then stacked with the images the workers decoded. A JPEG the batched call
+    refuses is decoded alone, and by Pillow if torchvision refuses it too."""
+
+    def __init__(self, image_size: int, device: torch.device):
+        self.image_size = image_size
+        self.device = torch.device(device)
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                return _pil_tensor(im.convert("RGB")).to(self.device)
+
+    def __call__(self, x) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):  # already decoded: (N, 3, S, S) uint8
+            return IMAGENET(x.to(self.device, non_blocking=True))
+        items = list(x.items)
+        jpegs = [i for i, t in enumerate(items) if t.ndim == 1]
+        if jpegs:
+            try:
+                decoded = decode_jpeg([items[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                decoded = [self._decode_one(items[i]) for i in jpegs]
+            for i, img in zip(jpegs, decoded):  # img: (3, H, W) uint8 on the device
+                items[i] = resize_crop(img, self.image_size)
+        batch = torch.stack([t.to(self.device, non_blocking=True) for t in items])  # (N, 3, S, S) uint8
+        return IMAGENET(batch)
+
+
 def resize_crop(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """(3, H, W) uint8 -> (3, S, S) uint8: shorter side to S (bilinear, antialiased), centre crop."""
     x = F.resize(x, [image_size], antialias=True)
@@ -215,6 +289,7 @@ class ImageFolderDataset(Dataset):
         self.labels = labels
         self.image_size = image_size
         self.raw_items = False  # True: items are uint8, normalised where the batch lands
+        self.encoded = False  # True: JPEGs are handed out undecoded, see device_decode()
 
     def device_items(self) -> Normalize:
         """From now on hand out uint8 (3, S, S) images: a quarter of the bytes through the
@@ -222,6 +297,18 @@ class ImageFolderDataset(Dataset):
         normalisation for the batches, to run on their device."""
         self.raw_items = True
         return IMAGENET
+
+    def device_decode(self, device: torch.device) -> DeviceDecode:
+        """`data.decode=device`: from now on hand out JPEGs as their bytes (other files decoded
+        and resized, uint8), to be collated by `collate_for_device` and turned into normalised
+        batches on `device` by the DeviceDecode returned."""
+        self.raw_items = self.encoded = True
+        return DeviceDecode(self.image_size, device)
+
+    @property
+    def collate(self):
+        """`collate_for_device` once `device_decode()` was called, else None (the default)."""
+        return collate_for_device if self.encoded else None
 
     @property
     def labels(self) -> torch.Tensor:
@@ -242,7 +329,10 @@ class ImageFolderDataset(Dataset):
         try:
             with warnings.catch_warnings():  # a worker process decodes one image at a time
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                x = load_resized(path, self.image_size)  # (3, S, S) uint8
+                if self.encoded:  # (B,) JPEG bytes or (3, S, S) uint8
+                    x = read_for_device(path, self.image_size)
+                else:
+                    x = load_resized(path, self.image_size)  # (3, S, S) uint8
         except Exception as e:  # checked at build time, so the file changed since
             msg = str(e).splitlines()[0] if str(e) else ""
             raise ConfigError(f"config: data.root: unreadable image {path} ({type(e).__name__}: {msg})") from None
