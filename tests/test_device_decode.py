@@ -50,8 +50,14 @@ def test_jpegs_travel_as_bytes_and_everything_else_decoded(tmp_path):
     assert kinds[".jpg"] == {1}  # RGB and L JPEGs: bytes
     assert kinds[".jpeg"] >= {1, 3}  # test_imagefolder's CMYK .JPEG files are decoded in the worker
     assert all(kinds[e] == {3} for e in (".png", ".bmp", ".webp", ".gif", ".tif"))
-    x, y = collate_for(ds)([ds[0], ds[1]])
-    assert isinstance(x, EncodedBatch) and len(x) == 2 and y.dtype == torch.int64
+    items = [ds[i] for i in range(len(ds))]
+    x, y = collate_for(ds)(items)
+    assert isinstance(x, EncodedBatch) and len(x) == len(ds) and y.tolist() == ds.labels.tolist()
+    # two storages whatever the batch size (a worker shares each through one file descriptor)
+    jpegs = [i for i, (t, _) in enumerate(items) if t.ndim == 1]
+    assert x.jpeg_at == jpegs and x.jpeg.ndim == 1 and x.images.shape == (len(ds) - len(jpegs), 3, 32, 32)
+    assert x.jpeg_sizes == [items[i][0].numel() for i in jpegs]
+    assert torch.equal(x.jpeg, torch.cat([items[i][0] for i in jpegs]))
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
