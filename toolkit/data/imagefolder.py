@@ -142,19 +142,32 @@ def decode_uint8(path: str) -> torch.Tensor:
     Callers that want Pillow's DecompressionBombWarning raised rather than printed set the
     filter themselves (not here: this runs in threads, and warning filters are process-global);
     `_check_pixels` refuses the same images either way."""
+    fmt, x = _read(path)
+    return x if fmt is None else _decode_bytes(fmt, x, path)
+
+
+def _read(path: str) -> tuple[str | None, torch.Tensor]:
+    """Pillow reads the header (and refuses bombs). A file torchvision decodes as Pillow would
+    comes back as (its format, its bytes (B,) uint8); any other is decoded by Pillow here:
+    (None, (3, H, W) uint8 RGB)."""
     with open(path, "rb") as f:
         with Image.open(f) as im:  # reads the header only
             _check_pixels(im)
-            decode = _DECODERS.get(im.format) if im.mode in _FAST_MODES.get(im.format, ()) else None
-            if decode is None:
-                return _pil_tensor(im.convert("RGB"))
+            fmt = im.format if im.format in _DECODERS and im.mode in _FAST_MODES.get(im.format, ()) else None
+            if fmt is None:
+                return None, _pil_tensor(im.convert("RGB"))
         f.seek(0)
-        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # (B,)
+        return fmt, torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # (B,)
+
+
+def _decode_bytes(fmt: str, data: torch.Tensor, path: str) -> torch.Tensor:
+    """`_read`'s bytes -> (3, H, W) uint8 RGB with torchvision's decoder; Pillow decides where
+    torchvision refuses the file or gives something else (16-bit)."""
     try:
-        x = decode(data, _RGB, False)  # (3, H, W); EXIF orientation ignored, as Pillow does
+        x = _DECODERS[fmt](data, _RGB, False)  # (3, H, W); EXIF orientation ignored, as Pillow does
     except RuntimeError:
         x = None
-    if x is None or x.dtype != torch.uint8 or x.shape[0] != 3:  # refused, or 16-bit: Pillow decides
+    if x is None or x.dtype != torch.uint8 or x.shape[0] != 3:
         with Image.open(path) as im:
             return _pil_tensor(im.convert("RGB"))
     return x
@@ -163,15 +176,11 @@ def decode_uint8(path: str) -> torch.Tensor:
 def read_for_device(path: str, image_size: int) -> torch.Tensor:
     """`data.decode=device`, in the worker: an 8-bit JPEG (L, RGB) comes back as its file bytes,
     (B,) uint8, to be decoded where the batch lands (`DeviceDecode`); any other file is decoded
-    and resized here, (3, S, S) uint8, as `load_resized` does."""
-    with open(path, "rb") as f:
-        with Image.open(f) as im:  # reads the header only
-            _check_pixels(im)
-            jpeg = FAST_DECODE and im.format == "JPEG" and im.mode in _FAST_MODES["JPEG"]
-        if jpeg:
-            f.seek(0)
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)  # (B,)
-    return load_resized(path, image_size)
+    and resized here, (3, S, S) uint8, as `load_resized` does (the file is read once either way)."""
+    fmt, x = _read(path)
+    if fmt == "JPEG":
+        return x
+    return resize_crop(x if fmt is None else _decode_bytes(fmt, x, path), image_size)
 
 
 class EncodedBatch:
