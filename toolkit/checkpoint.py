@@ -11,37 +11,18 @@ the previous checkpoint is used. Loading goes through Accelerate, which reads sa
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from safetensors.torch import save_file
 
+from toolkit.rundir import CONFIG, replace_dir, sha256, write_atomic_text
+
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
 PREFIX = "step_"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 OLD = f".old-{PREFIX}"  # a replaced checkpoint, for the moment between two renames
 
 
@@ -80,7 +61,7 @@ def verify(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} is truncated or resized ({f.stat().st_size} of {size} bytes)"
-        if _sha256(f) != sha:
+        if sha256(f) != sha:
             return f"{name} fails its checksum"
     return None
 
@@ -115,30 +96,18 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
     accelerator.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_atomic(tmp / STATE, json.dumps(state, indent=1))
-        _write_atomic(tmp / "config.yaml", config_yaml)
+        write_atomic_text(tmp / STATE, json.dumps(state, indent=1))
+        write_atomic_text(tmp / CONFIG, config_yaml)
         for name, tensors in (extra or {}).items():
             save_file(tensors, str(tmp / name))
-        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
-        _write_atomic(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+        write_atomic_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
         # (final exists when the same step is saved again after resuming past a bad checkpoint)
         replace_dir(tmp, final, root / f"{OLD}{step}")
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
-
-
-def replace_dir(tmp: Path, final: Path, old: Path) -> None:
-    """Put the complete directory `tmp` at `final` by renames. An existing `final` is first moved
-    to `old` and removed only after, so a crash between the renames leaves one of the two whole."""
-    if final.exists() or final.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -19,7 +19,6 @@ import csv
 import html
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from toolkit.errors import ConfigError, ToolkitError  # noqa: E402
+from toolkit.rundir import METRICS, REPORT, RunDir, write_atomic_bytes, write_atomic_text  # noqa: E402
 
 MAX_LEGEND_CLASSES = 10  # embedding plots colour at most this many classes unless told which
 
@@ -49,9 +49,10 @@ class Run:
 
 def load_run(path: Path) -> Run:
     path = Path(path)
-    metrics = path / "metrics.jsonl"
+    files = RunDir(path)
+    metrics = files.metrics
     if not metrics.is_file():
-        raise ConfigError(f"report: {path} is not a run directory (no metrics.jsonl)")
+        raise ConfigError(f"report: {path} is not a run directory (no {METRICS})")
     run = Run(path=path, name=path.name)
     for line in metrics.read_text().splitlines():
         try:
@@ -62,10 +63,10 @@ def load_run(path: Path) -> Run:
             run.epochs.append(row)
         elif row.get("kind") == "train":
             run.steps.append(row)
-    if (path / "summary.json").is_file():
-        run.summary = json.loads((path / "summary.json").read_text())
-    if (path / "config.yaml").is_file():
-        run.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if files.summary.is_file():
+        run.summary = json.loads(files.summary.read_text())
+    if files.config.is_file():
+        run.config = yaml.safe_load(files.config.read_text()) or {}
         run.name = run.config.get("run", {}).get("name", run.name)
     return run
 
@@ -75,10 +76,7 @@ def _save(fig, out: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
-    return out
+    return write_atomic_bytes(out, buf.getvalue())
 
 
 def _stage_bounds(run: Run) -> List[float]:
@@ -203,12 +201,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_report(run_dir: Path, out: Optional[Path] = None, tsne: bool = False,
                classes: Optional[Sequence[int]] = None) -> List[Path]:
     """Every plot one run's files allow, and report.html. Returns the images written."""
@@ -216,13 +208,13 @@ def run_report(run_dir: Path, out: Optional[Path] = None, tsne: bool = False,
     out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = [plot_curves(run, out / "curves.png")]
-    names = None
+    names, files = None, RunDir(run.path)
     for split in ("train", "test"):
-        csv_path = run.path / f"confusion_{split}.csv"
+        csv_path = files.confusion(split)
         if csv_path.is_file():
             images.append(plot_confusion(csv_path, out / f"confusion_{split}.png", f"{split} confusion"))
             names = read_confusion(csv_path)[0]
-    emb = run.path / "embeddings.safetensors"
+    emb = files.embeddings
     if emb.is_file():
         seed = int(run.config.get("run", {}).get("seed", 0))
         for method in ("pca", "tsne") if tsne else ("pca",):
@@ -230,7 +222,7 @@ def run_report(run_dir: Path, out: Optional[Path] = None, tsne: bool = False,
     keys = ("test_acc", "test_top5", "best_val_acc", "best_epoch", "epochs", "steps", "images_per_s", "wall_s",
             "world_size", "precision")
     table = [{"run": run.name, **{k: run.summary[k] for k in keys if k in run.summary}}]
-    _write_text(out / "report.html", _html(f"run {run.name}", table, images, out))
+    write_atomic_text(out / REPORT, _html(f"run {run.name}", table, images, out))
     return images
 
 
@@ -257,7 +249,7 @@ def features_report(features_dir: Path, out: Optional[Path] = None, tsne: bool =
               for m in (("pca", "tsne") if tsne else ("pca",))]
     table = [{"features": str(features_dir), "rows": feats.meta["rows"], "dim": feats.meta["dim"],
               "bad_images": feats.meta["bad_images"], "layer": feats.meta["layer"]}]
-    _write_text(out / "report.html", _html(f"features {features_dir}", table, images, out))
+    write_atomic_text(out / REPORT, _html(f"features {features_dir}", table, images, out))
     return images
 
 
@@ -304,23 +296,23 @@ def compare(run_dirs: Sequence[Path], out: Path) -> List[Path]:
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    _write_text(out / "compare.csv", buf.getvalue())
+    write_atomic_text(out / "compare.csv", buf.getvalue())
     cols = ["run", "test_acc", "best_val_acc", "final_train_loss", "epochs"]
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in table:
         cells = [row["run"]] + [("-" if row[c] is None else f"{100 * row[c]:.2f}%" if c.endswith("acc")
                                  else _fmt(row[c])) for c in cols[1:]]
         md.append("| " + " | ".join(cells) + " |")
-    _write_text(out / "compare.md", "\n".join(md) + "\n")
-    _write_text(out / "report.html", _html("comparison", table, images, out))
+    write_atomic_text(out / "compare.md", "\n".join(md) + "\n")
+    write_atomic_text(out / REPORT, _html("comparison", table, images, out))
     return images
 
 
 def find_runs(path: Path) -> List[Path]:
     """PATH itself if it is a run, else every run directory below it (a sweep), sorted."""
-    if (path / "metrics.jsonl").is_file():
+    if RunDir(path).metrics.is_file():
         return [path]
-    return sorted(p.parent for p in path.rglob("metrics.jsonl"))
+    return sorted(p.parent for p in path.rglob(METRICS))
 
 
 def _parse_classes(text: Optional[str]) -> Optional[List[int]]:
@@ -346,11 +338,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         classes = _parse_classes(args.classes)
         if len(args.paths) == 1 and (args.paths[0] / "meta.json").is_file():  # an extracted features directory
             images = features_report(args.paths[0], args.out, args.tsne, classes)
-            print(f"wrote {len(images)} image(s) and report.html to {args.out or args.paths[0]}")
+            print(f"wrote {len(images)} image(s) and {REPORT} to {args.out or args.paths[0]}")
             return 0
         runs = [r for p in args.paths for r in find_runs(p)]
         if not runs:
-            raise ConfigError(f"report: no run directories (with metrics.jsonl) under {', '.join(map(str, args.paths))}")
+            raise ConfigError(f"report: no run directories (with {METRICS}) under {', '.join(map(str, args.paths))}")
         if len(runs) == 1:
             images = run_report(runs[0], args.out, args.tsne, classes)
             where = args.out or runs[0]
@@ -360,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"wrote {len(images)} image(s) and report.html to {where}")
+    print(f"wrote {len(images)} image(s) and {REPORT} to {where}")
     return 0
 
 

@@ -1,0 +1,191 @@
+"""The run-directory contract: every file a command writes into a run, by name, and how it is
+written (atomically: a temp file beside the target, fsynced, then renamed over it).
+
+    run = RunDir(Path("runs/digits_lenet/20261127-140000"))
+    write_atomic_json(run.summary, {...})
+    with run_lock(run.path): ...
+
+Train, extract, tune, report, prepare and checkpoint all write through this module, so a crash
+never leaves a half-written file under a final name, and the names live in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+from toolkit.errors import ConfigError
+
+# File and folder names of the run-directory contract (docs/architecture.md, "Run directory").
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+MODEL = "model.safetensors"
+SUMMARY = "summary.json"
+DATA = "data.json"
+LABEL_NOISE = "label_noise.json"
+EMBEDDINGS = "embeddings.safetensors"
+CONFUSION = "confusion_{split}.csv"
+FEATURES = "features"
+REPORT = "report.html"
+TRIAL = "trial.json"  # a sweep trial's run: where its last attempt ran (toolkit.tune)
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run directory, by name. Creating it or locking it are separate steps."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def data(self) -> Path:
+        return self.path / DATA
+
+    @property
+    def label_noise(self) -> Path:
+        return self.path / LABEL_NOISE
+
+    @property
+    def embeddings(self) -> Path:
+        return self.path / EMBEDDINGS
+
+    @property
+    def features(self) -> Path:
+        return self.path / FEATURES
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def trial(self) -> Path:
+        return self.path / TRIAL
+
+    def confusion(self, split: str) -> Path:
+        return self.path / CONFUSION.format(split=split)
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: a hidden sibling, so that the
+    rename is atomic (same filesystem) and a crash leaves only a dot-file behind."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write `path` through `write(tmp)` (which creates tmp), fsync, rename over `path`. On any
+    error the temp file is removed and `path` is left as it was."""
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_atomic_text(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_atomic_json(path: Path, data: Any, indent: Union[int, None] = 1) -> Path:
+    return write_atomic_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replace_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Put the complete directory `tmp` at `final` by renames. An existing `final` is first moved
+    to `old` and removed only after, so a crash between the renames leaves one of the two whole."""
+    if final.exists() or final.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def ensure_writable(path: Path) -> Path:
+    """Create `path` (and parents) and prove a file can be written there, or one ConfigError line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config: run.dir: cannot write to {path}: {e.strerror}") from None
+    return path
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold RUN/.lock (an exclusive flock, released when the process ends however it ends):
+    two processes writing into one run directory would overwrite each other's files.
+    Waits up to `wait_s` for a previous holder (a sweep trial orphaned by a killed driver)."""
+    import fcntl
+
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise ConfigError(f"config: run.dir: {run_dir} is in use by another process (pid {holder}); "
+                                      "wait for it to end or choose another run.dir") from None
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
