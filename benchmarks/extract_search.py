@@ -145,7 +145,8 @@ def per_image_loop(paths, model_name: str) -> float:
 
 
 def toolkit_extract(root: Path, out: Path, model_name: str, batch: int, workers: int) -> float:
-    from toolkit.extract import extract, load_extract_config
+    from toolkit.config import load_extract_config
+    from toolkit.extract import extract
 
     cfg = load_extract_config(None, [f"data.root={root}", f"model.name={model_name}", f"run.dir={out}",
                                      f"data.batch_size={batch}", f"data.num_workers={workers}",

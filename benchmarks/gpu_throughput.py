@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_throughput.py --out gpu_throughput.json     # one CUDA GPU (H100: ~5-6 min)
     python benchmarks/gpu_throughput.py --smoke --out /tmp/smoke.json # tiny sizes on the CPU, < 2 min
-    bash benchmarks/gpu_run.sh                                        # the lent GPU machine: GPU tests, then this
+    bash benchmarks/gpu.sh extract r50-train r18-train                # the lent GPU machine
 
 Three workloads, each under two settings, in one process (state reset between configs):
 
@@ -147,7 +147,7 @@ def flops_per_image(model_name: str, size: int, train: bool) -> float:
     """Counted on the meta device (shapes only): convolutions, matmuls, and their backward."""
     import torch.nn.functional as F
 
-    from toolkit.extract import Extractor
+    from toolkit.features import Extractor
     from toolkit.models import MODELS
 
     batch = 2
@@ -275,8 +275,8 @@ def extract_config(bench: Dict[str, Any], setting: str, args, device: torch.devi
 
 def forward_ceiling(bench: Dict[str, Any], setting: str, device: torch.device, iters: int) -> Dict[str, Any]:
     """The Extractor's forward on a batch already on the device: no DataLoader, no copies, no writes."""
-    from toolkit.extract import Extractor, build_model
-    from toolkit.extract import ExtractModelConfig
+    from toolkit.config import ExtractModelConfig
+    from toolkit.features import Extractor, build_model
 
     fast = setting == "fast"
     tf32 = set_tf32(setting)

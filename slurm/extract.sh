@@ -25,7 +25,7 @@ case " $* " in
   *" run.dir="*|*" model.run="*) ;;
   *) ARGS+=("run.dir=runs/slurm/extract-$(job_ref)") ;;
 esac
-OUT=$("$PY" -c 'import sys; from toolkit.extract import features_dir, load_extract_config
+OUT=$("$PY" -c 'import sys; from toolkit.config import load_extract_config; from toolkit.extract import features_dir
 print(features_dir(load_extract_config(sys.argv[1], sys.argv[2:])))' "$CONFIG" "${ARGS[@]}" 2>&1) \
   || fail "$(echo "$OUT" | tail -n1 | sed 's/^[A-Za-z]*Error: //')"
 plan_processes

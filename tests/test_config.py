@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from enum import Enum
 from pathlib import Path
 
 import pytest
 import yaml
 
-from toolkit.config import (Config, check_paths, hparams, load_config, to_flat, to_yaml,
-                            validate, with_flat)
+from toolkit.config import (Choice, Config, ExtractConfig, Freeze, Precision, check_paths, hparams, load_config,
+                            load_extract_config, parse_yaml, to_flat, to_yaml, validate, with_flat)
 from toolkit.data import DATASETS
 from toolkit.data.augment import AUGMENTS
 from toolkit.errors import ConfigError
 from toolkit.losses import LOSSES
-from toolkit.models import MODELS
+from toolkit.models import FREEZE_MODES, MODELS
 from toolkit.optim import OPTIMIZERS, SCHEDULERS
 
 
@@ -445,3 +447,139 @@ def test_precision_no_survives_yaml_1_1_booleans(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  precision: no\n")
     assert load_config(str(f)).train.precision == "no"
+
+
+# ---------------------------------------------------------------------------------------------
+# mode fields are str enums that OmegaConf checks; YAML 1.2 booleans
+
+
+def _choice_fields(schema: type, prefix: str = ""):
+    """(key, enum) of every Choice-typed field of a config schema, nested sections included."""
+    import typing
+
+    out = []
+    for f in dataclasses.fields(schema):
+        tp = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _choice_fields(tp, f"{prefix}{f.name}.")
+        elif isinstance(tp, type) and issubclass(tp, Choice):
+            out.append((f"{prefix}{f.name}", tp))
+    return out
+
+
+TRAIN_CHOICES = _choice_fields(Config)
+EXTRACT_CHOICES = _choice_fields(ExtractConfig)
+
+
+def test_every_mode_field_is_a_choice():
+    keys = {k for k, _ in TRAIN_CHOICES}
+    assert keys == {"data.loader", "data.decode", "data.sampler", "model.freeze", "loss.distance",
+                    "train.precision", "train.tta", "train.nonfinite", "log.progress"}
+    assert {k for k, _ in EXTRACT_CHOICES} == {"data.split", "data.loader", "extract.precision"}
+    for _, enum in TRAIN_CHOICES + EXTRACT_CHOICES:
+        assert all(m.name == m.value for m in enum)  # OmegaConf converts a word by member name
+    assert Freeze.words() == list(FREEZE_MODES)  # the models' freeze modes, in their order
+
+
+@pytest.mark.parametrize("key,enum", TRAIN_CHOICES, ids=[k for k, _ in TRAIN_CHOICES])
+def test_every_mode_field_rejects_an_unknown_word_in_one_line(key, enum):
+    msg = config_error(None, [f"{key}=bogus"])
+    assert msg.startswith(f"config: {key}: unknown ") and "'bogus'" in msg
+    assert msg.endswith("choose one of: " + ", ".join(enum.words()))
+    for word in enum.words():  # and accepts each of its words
+        if (key, word) == ("data.decode", "device"):
+            continue  # needs data.name=imagefolder (a cross-field check)
+        overrides = [f"{key}={word}", "data.batch_size=64"]
+        assert getattr(getattr(load_config(None, overrides), key.split(".")[0]), key.split(".")[1]) == word
+
+
+@pytest.mark.parametrize("key,enum", EXTRACT_CHOICES, ids=[k for k, _ in EXTRACT_CHOICES])
+def test_every_extract_mode_field_rejects_an_unknown_word_in_one_line(key, enum):
+    with pytest.raises(ConfigError) as ei:
+        load_extract_config(None, ["model.name=lenet", "data.name=digits", f"{key}=bogus"])
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"config: {key}: unknown ") and "'bogus'" in msg
+    assert msg.endswith("choose one of: " + ", ".join(enum.words()))
+
+
+def test_mode_values_are_strings_everywhere(tmp_path):
+    cfg = load_config(None, ["train.precision=bf16", "train.nonfinite=stop", "log.progress=plain",
+                             "data.sampler=pk", "model.freeze=backbone", "loss.distance=euclidean"])
+    assert isinstance(cfg.train.precision, Precision) and cfg.train.precision is Precision.bf16
+    assert cfg.train.nonfinite == "stop" and cfg.train.nonfinite != "skip"  # str comparisons hold
+    assert cfg.train.precision in ("no", "bf16") and {"bf16": 1}[cfg.train.precision] == 1
+    assert f"{cfg.train.precision} {cfg.log.progress}" == "bf16 plain" and str(cfg.model.freeze) == "backbone"
+    assert json.dumps({"p": cfg.train.precision}) == '{"p": "bf16"}'
+    for flat in (to_flat(cfg), hparams(cfg)):  # what Ray Tune and TensorBoard get
+        for key, value in flat.items():
+            assert not isinstance(value, Enum), key
+    assert type(hparams(cfg)["data.sampler"]) is str and hparams(cfg)["loss.distance"] == "euclidean"
+    text = to_yaml(cfg)
+    assert "precision: bf16" in text and "progress: plain" in text and "Precision" not in text
+    assert yaml.safe_load(text)["train"]["precision"] == "bf16"  # plain YAML, readable by anyone
+    f = tmp_path / "config.yaml"
+    f.write_text(text)
+    assert load_config(str(f)) == cfg
+
+
+def test_precision_no_is_written_so_that_yaml_1_1_reads_it_back(tmp_path):
+    text = to_yaml(Config())
+    assert yaml.safe_load(text)["train"]["precision"] == "no"  # quoted: 'no'
+
+
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no", "y", "n", "Off", "NO"])
+def test_yaml_1_1_boolean_words_stay_words(tmp_path, word):
+    """`log.progress=off` / `progress: off` reach the config as the word 'off' (an unknown mode
+    here, listed with the valid ones), not as the boolean YAML 1.1 makes of it."""
+    msg = config_error(None, [f"log.progress={word}"])
+    assert msg == f"config: log.progress: unknown mode '{word}'; choose one of: auto, rich, plain, none"
+    path = write(tmp_path, "c.yaml", f"log:\n  progress: {word}\n")
+    assert config_error(path) == msg
+    assert load_config(None, [f"run.name={word}"]).run.name == word
+    assert load_config(write(tmp_path, "n.yaml", f"run:\n  name: {word}\n")).run.name == word
+
+
+def test_true_false_stay_booleans_and_bool_fields_still_take_on_off(tmp_path):
+    cfg = load_config(None, ["optim.nesterov=true", "log.tensorboard=false", "train.compile=False"])
+    assert cfg.optim.nesterov is True and cfg.log.tensorboard is False and cfg.train.compile is False
+    cfg = load_config(write(tmp_path, "c.yaml", "optim:\n  nesterov: on\nlog:\n  tensorboard: off\n"))
+    assert cfg.optim.nesterov is True and cfg.log.tensorboard is False  # OmegaConf converts these words
+    msg = config_error(None, ["train.precision=true"])
+    assert msg == "config: train.precision: unknown precision True; choose one of: no, bf16, fp16"
+
+
+def test_yaml_1_2_scalars_in_overrides_and_files(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-3", "run.name=2024-01-01",
+                             "train.stages=[{epochs: 2, optim: {lr: 5e-4}}]", "sched.milestones=[]"])
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.run.name == "2024-01-01"
+    assert cfg.train.stages[0].optim["lr"] == pytest.approx(5e-4)  # an untyped dict gets a float too
+    assert parse_yaml("a: 1e-3\nb: .inf\nc: -1.5\nd: 7\ne: null\nf: ~\ng: off") == {
+        "a": 1e-3, "b": float("inf"), "c": -1.5, "d": 7, "e": None, "f": None, "g": "off"}
+
+
+def test_yaml_stays_safe(tmp_path):
+    path = write(tmp_path, "evil.yaml", "run: !!python/object/apply:os.system ['true']\n")
+    assert "not valid YAML" in config_error(path)
+    msg = config_error(None, ["run.name=!!python/object/apply:os.system ['true']"])
+    assert "not valid YAML" in msg
+
+
+def test_an_override_value_that_is_not_yaml_is_one_line():
+    msg = config_error(None, ["optim.lr=[1,"])
+    assert msg == "override 'optim.lr=[1,': the value is not valid YAML"
+
+
+def test_extract_config_round_trips_and_keeps_its_checks(tmp_path):
+    cfg = load_extract_config(None, ["model.name=lenet", "data.name=digits", "data.split=val",
+                                     "extract.precision=bf16", "data.loader=dataloader"])
+    assert cfg.data.split == "val" and cfg.extract.precision == "bf16" and cfg.data.loader == "dataloader"
+    f = tmp_path / "config.yaml"
+    f.write_text(to_yaml(cfg))
+    assert "split: val" in f.read_text() and load_extract_config(str(f)) == cfg
+    assert to_flat(cfg)["extract.precision"] == "bf16" and type(to_flat(cfg)["data.split"]) is str
+    with pytest.raises(ConfigError, match=r"^config: extract\.shard_size: must be >= 1, got 0$"):
+        load_extract_config(None, ["model.name=lenet", "extract.shard_size=0", "data.root=/x"])
+    with pytest.raises(ConfigError, match=r"^config: model\.name: set model\.name"):
+        load_extract_config(None, ["data.root=/x"])
+    with pytest.raises(ConfigError, match=r"^config: data\.root: folder needs data\.root"):
+        load_extract_config(None, ["model.name=lenet"])

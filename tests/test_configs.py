@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ok, summary, train
-from test_cifar import make_cifar10
-from test_imagefolder import make_folder
+from helpers import make_cifar10, make_folder, ok, summary, train
 from toolkit.config import load_config, to_yaml
 
 # Training configs; the extraction configs (extract_*.yaml) are run in tests/test_extract.py.
@@ -57,6 +55,7 @@ def _one_epoch_overrides(cfg) -> list:
     return [*out, "train.stages=" + json.dumps(stages)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
 def test_config_trains_one_smoke_epoch(path, tmp_path):
     cfg = load_config(str(path))

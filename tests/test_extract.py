@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,21 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, _env, launch, ok
+from helpers import ROOT, launch, ok, png_bomb, run_module
 from toolkit.features import load_features, read_manifest
 
-pytestmark = pytest.mark.slow
 DIGITS = ["data.name=digits", "data.split=test", "model.name=lenet", "extract.shard_size=40"]  # 360 images, 9 shards
 
 
 def extract(args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.extract", *args], cwd=ROOT, env=_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_module("toolkit.extract", args, env=env, timeout=timeout)
 
 
 def retrieve(args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.retrieve", *args], cwd=ROOT, env=_env(None),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_module("toolkit.retrieve", args, timeout=timeout)
 
 
 def fails(proc, code: int, *needles: str) -> str:
@@ -53,6 +47,7 @@ def one_process(tmp_path_factory) -> Path:
     return run / "features"
 
 
+@pytest.mark.slow
 def test_features_are_the_models_normalised_penultimate_features_in_dataset_order(one_process):
     from toolkit.data import DATASETS
     from toolkit.models import MODELS
@@ -73,6 +68,7 @@ def test_features_are_the_models_normalised_penultimate_features_in_dataset_orde
     assert [r["path"] for r in read_manifest(one_process)][:2] == ["digits:test:0", "digits:test:1"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_same_features_in_the_same_order(one_process, tmp_path):
     run = tmp_path / "two"
     proc = ok(launch(["--config", str(ROOT / "configs/extract_digits.yaml"), *DIGITS, f"run.dir={run}"],
@@ -85,6 +81,7 @@ def test_two_gloo_processes_give_the_same_features_in_the_same_order(one_process
     assert json.loads((run / "features/summary.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_finished_by_a_rerun_without_recomputing_done_shards(one_process, tmp_path):
     run = tmp_path / "killed"
     args = ["--config", str(ROOT / "configs/extract_digits.yaml"), *DIGITS, f"run.dir={run}"]
@@ -104,6 +101,7 @@ def test_a_killed_rank_is_finished_by_a_rerun_without_recomputing_done_shards(on
     assert torch.equal(a.index, b.index) and torch.allclose(a.features, b.features, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_redone_and_other_settings_are_refused(tmp_path):
     run = tmp_path / "r"
     ok(extract([*DIGITS, f"run.dir={run}", "data.limit=100"]))
@@ -127,14 +125,6 @@ def test_a_damaged_shard_is_redone_and_other_settings_are_refused(tmp_path):
 # a folder of images, bad ones included
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels: enough for Pillow's bomb check."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
-
-
 def _jpeg(mode="RGB", colour=(200, 30, 30), size=(48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, colour).save(buf, format="JPEG")
@@ -150,7 +140,7 @@ def make_zoo(root: Path) -> dict:
     (root / "bad/truncated.jpg").write_bytes(_jpeg(size=(200, 160))[:400])
     (root / "bad/random.png").write_bytes(bytes(torch.randint(0, 256, (3000,), generator=rng, dtype=torch.uint8).tolist()))
     (root / "bad/text.jpg").write_text("this is not an image\n")
-    (root / "bad/bomb.png").write_bytes(_png_header_only(20000, 20000))  # 400 M pixels > 2 x Pillow's limit
+    (root / "bad/bomb.png").write_bytes(png_bomb(20000, 20000))  # 400 M pixels > 2 x Pillow's limit
     (root / "odd/cmyk.jpg").write_bytes(_jpeg("CMYK", (0, 200, 200, 0)))
     Image.new("L", (40, 40), 90).save(root / "odd/grey.png")
     Image.new("RGB", (40, 40), (10, 200, 10)).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "odd/palette.png")
@@ -172,6 +162,7 @@ def zoo_features(tmp_path_factory) -> Path:
     return run / "features", expected
 
 
+@pytest.mark.slow
 def test_bad_images_are_listed_and_the_good_ones_extracted(zoo_features):
     features, expected = zoo_features
     lines = (features / "bad_images.txt").read_text().splitlines()
@@ -190,6 +181,7 @@ def test_bad_images_are_listed_and_the_good_ones_extracted(zoo_features):
     assert s["bad_images"] == 5 and s["rows"] == 5 and s["num_images"] == 10
 
 
+@pytest.mark.slow
 def test_search_pairs_and_grid_on_image_files(zoo_features, tmp_path):
     features, _ = zoo_features
     images = Path(load_features(features).paths[0]).parent
@@ -217,6 +209,7 @@ def test_search_pairs_and_grid_on_image_files(zoo_features, tmp_path):
 # train -> extract -> eval on digits, and bad input
 
 
+@pytest.mark.slow
 def test_trained_digits_run_extracted_and_evaluated(demo_single, tmp_path):
     proc = ok(extract(["--config", str(ROOT / "configs/extract_digits.yaml"), f"model.run={demo_single}",
                        f"run.dir={tmp_path / 'x'}"]))
@@ -240,6 +233,7 @@ def test_trained_digits_run_extracted_and_evaluated(demo_single, tmp_path):
     fails(retrieve(["search", "--features", str(features), "--query", str(ROOT / "README.md")]), 2, "--query-index")
 
 
+@pytest.mark.slow
 def test_layers(tmp_path):
     ok(extract([*DIGITS, "data.limit=50", "extract.layer=logits", "model.num_classes=10", f"run.dir={tmp_path / 'a'}"]))
     assert load_features(tmp_path / "a/features").features.shape == (50, 10)
@@ -249,6 +243,7 @@ def test_layers(tmp_path):
     fails(extract([*DIGITS, "extract.layer=nope", f"run.dir={tmp_path / 'c'}"]), 2, "extract.layer", "no module 'nope'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needles", [
     (["data.nme=x"], ["data.nme"]),
     (["extract.shard_size=0"], ["extract.shard_size"]),
@@ -263,15 +258,15 @@ def test_bad_config_is_one_line_and_exit_2(args, needles, tmp_path):
     assert not (tmp_path / "r/features/shards").exists() or not any((tmp_path / "r/features/shards").iterdir())
 
 
+@pytest.mark.slow
 def test_feature_plots_from_a_features_directory(one_process, tmp_path):
-    proc = ok(subprocess.run([sys.executable, "-m", "toolkit.report", str(one_process), "--tsne", "--classes", "0,1,2",
-                               "--out", str(tmp_path)], cwd=ROOT, env=_env(None), capture_output=True, text=True,
-                              timeout=300))
+    proc = ok(run_module("toolkit.report", [str(one_process), "--tsne", "--classes", "0,1,2", "--out", str(tmp_path)]))
     assert "2 image(s)" in proc.stdout
     for name in ("features_pca.png", "features_tsne.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_channels_last_give_nearly_the_same_features(one_process, tmp_path):
     run = tmp_path / "bf16"
     ok(extract([*DIGITS, "extract.precision=bf16", "extract.channels_last=true", f"run.dir={run}"]))
@@ -289,7 +284,7 @@ def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transf
     from torchvision.transforms import v2
 
     from toolkit.data.collection import ImageCollection, SplitAsCollection
-    from toolkit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+    from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 
     root = tmp_path / "g" / "cls"
     root.mkdir(parents=True)
@@ -314,6 +309,7 @@ def test_items_travel_as_uint8_and_normalise_on_the_device_like_the_float_transf
     assert torch.equal(split.normalize(images[[0, 2]]), tds.__getitems__([0, 2])[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["digits", "synthetic"])  # float (already normalised) and uint8 sets
 def test_device_loader_gives_the_dataloaders_features(dataset, tmp_path):
     base = [f"data.name={dataset}", "data.split=test", "data.limit=200", "model.name=lenet", "extract.shard_size=64"]
@@ -327,6 +323,7 @@ def test_device_loader_gives_the_dataloaders_features(dataset, tmp_path):
     assert "complete shard(s) kept, 0 to do" in again.stdout
 
 
+@pytest.mark.slow
 def test_device_loader_on_a_folder_is_one_line(tmp_path):
     (tmp_path / "g").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "g" / "a.png")
@@ -344,8 +341,7 @@ def test_shard_writer_returns_before_the_write_and_reports_each_shard_once_its_m
                                                                                                  monkeypatch):
     import threading
 
-    from toolkit import features as store
-    from toolkit.extract import ShardWriter
+    from toolkit.features import ShardWriter, store
 
     gate, real = threading.Event(), store.write_shard
 
@@ -376,8 +372,7 @@ def test_shard_writer_returns_before_the_write_and_reports_each_shard_once_its_m
 
 
 def test_shard_writer_raises_a_failed_write_and_does_not_report_it(tmp_path, monkeypatch):
-    from toolkit import features as store
-    from toolkit.extract import ShardWriter
+    from toolkit.features import ShardWriter, store
 
     def full_disk(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
@@ -393,8 +388,7 @@ def test_shard_writer_raises_a_failed_write_and_does_not_report_it(tmp_path, mon
 
 
 def test_shard_writer_abandoned_on_another_error_still_finishes_the_write_unreported(tmp_path):
-    from toolkit import features as store
-    from toolkit.extract import ShardWriter
+    from toolkit.features import ShardWriter, store
 
     reported = []
     writer = ShardWriter(tmp_path, reported.append)

@@ -6,23 +6,105 @@ Layers, later wins: dataclass defaults < YAML file < `section.key=value` overrid
 OmegaConf does the layering and type checking; this module adds range checks, name checks
 against the registries, and turns every failure into one line naming the key.
 
+Mode fields (train.precision, data.loader, log.progress, ...) are `Choice` enums: OmegaConf
+rejects any other word, and being `str`s they compare, print and serialise as the plain word.
+YAML (files and override values) is read with YAML 1.2 booleans: only true/false are booleans,
+so `log.progress=off` or `precision: no` stay the words the user wrote.
+
 The hyperparameters a sweep varies are a flat dict (`hparams(cfg)`, `with_flat(cfg, flat)`),
-kept apart from run flags such as paths, precision and logging.
+kept apart from run flags such as paths, precision and logging. The extraction config
+(`ExtractConfig`, `load_extract_config`) is layered the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from toolkit.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """The words a mode field accepts. Members are named like their values (OmegaConf converts
+    a word by member name), and being a `str` a member compares equal to its word
+    (`cfg.train.nonfinite == "stop"`), hashes like it, and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def words(cls) -> List[str]:
+        return [m.value for m in cls]
+
+
+# The order of the members is the order the error message lists them in.
+class Precision(Choice):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"  # needs CUDA
+
+
+class Loader(Choice):
+    auto = "auto"  # device when the training set is in memory and fits, else dataloader
+    dataloader = "dataloader"
+    device = "device"  # the whole set gathered on the device once
+
+
+class Decode(Choice):
+    device = "device"  # image-folder JPEGs decoded in batches where the batch lands
+    workers = "workers"  # decode + resize per image in DataLoader workers
+
+
+class Sampler(Choice):
+    pk = "pk"  # P classes x K images per batch (triplet losses)
+    random = "random"
+
+
+class Freeze(Choice):
+    none = "none"
+    backbone = "backbone"  # only model.classifier trains
+    classifier = "classifier"  # model.classifier frozen
+
+
+class Distance(Choice):
+    cosine = "cosine"
+    euclidean = "euclidean"
+
+
+class TTA(Choice):
+    flip = "flip"  # mean of the logits of the image and its mirror image
+    none = "none"
+
+
+class NonFinite(Choice):
+    skip = "skip"
+    stop = "stop"
+
+
+class Progress(Choice):
+    auto = "auto"  # rich on a terminal, else plain
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
+class Split(Choice):
+    train = "train"
+    val = "val"
+    test = "test"
+
+
+# What an unknown word is called in the error ("unknown loader 'gpu'"); default "mode".
+_NOUNS = {Precision: "precision", Loader: "loader", Sampler: "sampler", Distance: "distance", Split: "split"}
 
 
 @dataclass
@@ -42,13 +124,13 @@ class DataConfig:
     batch_size: int = 64  # global: split across processes, so results do not depend on world size
     eval_batch_size: int = 256  # global
     num_workers: int = 0
-    loader: str = "auto"  # auto | device (training set gathered on the device) | dataloader
-    decode: str = "workers"  # imagefolder: workers (decode + resize per image) | device (JPEGs decoded in batches where the batch lands)
+    loader: Loader = Loader.auto  # auto | device (training set gathered on the device) | dataloader
+    decode: Decode = Decode.workers  # imagefolder: workers (decode + resize per image) | device (JPEGs decoded in batches where the batch lands)
     drop_last: bool = True  # training only; keeps every step's global batch full
     split_seed: int = 0  # fixed split, independent of run.seed
     limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
     augment: str = "none"  # training-batch augmentation: none | crop
-    sampler: str = "random"  # random | pk (P classes x K images per batch, for triplet losses)
+    sampler: Sampler = Sampler.random  # random | pk (P classes x K images per batch, for triplet losses)
     pk_k: int = 4  # pk: images per class in a batch; P = batch_size / pk_k
     label_noise: float = 0.0  # share of training labels replaced by a different class (seeded)
     mixup_alpha: float = 0.0  # > 0: mixup with lam ~ Beta(a, a) (labels become soft)
@@ -60,7 +142,7 @@ class ModelConfig:
     name: str = "lenet"
     num_classes: Optional[int] = None  # default: the dataset's
     pretrained: Optional[str] = None  # torchvision weights name (local cache only) or state-dict path
-    freeze: str = "none"  # none | backbone | classifier: frozen parameters are not trained
+    freeze: Freeze = Freeze.none  # none | backbone | classifier: frozen parameters are not trained
 
 
 @dataclass
@@ -92,7 +174,7 @@ class LossConfig:
     name: str = "cross_entropy"
     label_smoothing: float = 0.0
     margin: float = 0.25  # triplet
-    distance: str = "cosine"  # triplet: cosine | euclidean
+    distance: Distance = Distance.cosine  # triplet: cosine | euclidean
     ce_weight: float = 0.0  # triplet: + ce_weight x cross-entropy on the logits
 
 
@@ -105,7 +187,7 @@ class StageConfig:
 
     name: str = ""  # default: stage<index>
     epochs: int = 1
-    freeze: Optional[str] = None  # null: model.freeze
+    freeze: Optional[str] = None  # null: model.freeze (checked as model.freeze, so the error names the stage)
     loss: Dict[str, Any] = field(default_factory=dict)  # keys of the loss section
     optim: Dict[str, Any] = field(default_factory=dict)  # keys of the optim section
     sched: Dict[str, Any] = field(default_factory=dict)  # keys of the sched section
@@ -121,13 +203,13 @@ class TrainConfig:
     stages: List[StageConfig] = field(default_factory=list)  # empty: one stage, the top-level settings
     grad_accum_steps: int = 1
     clip_grad_norm: Optional[float] = None
-    precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
+    precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 needs CUDA)
     compile: bool = False
     channels_last: bool = False
     ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
-    tta: str = "none"  # none | flip: evaluation averages the logits of each image and its mirror image
+    tta: TTA = TTA.none  # none | flip: evaluation averages the logits of each image and its mirror image
     deterministic: bool = True
-    resume: str = "none"  # none | auto | path to a checkpoint directory
+    resume: str = "none"  # none | auto | path to a checkpoint directory (a path too, so a str, not a Choice)
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     preempt_check_steps: int = 10  # how often the ranks agree on a stop request (SIGUSR1, RUN/.preempt, SIGTERM)
     keep_last: int = 2  # complete checkpoints kept on disk
@@ -135,14 +217,14 @@ class TrainConfig:
     # skip: every step waits for its loss and skips a non-finite one (one host sync per step);
     # stop: no per-step sync; non-finite losses are counted on the device and checked at each log
     # step, checkpoint and epoch end, and the first check that finds one stops the run
-    nonfinite: str = "skip"
+    nonfinite: NonFinite = NonFinite.skip
     dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job after this
 
 
 @dataclass
 class LogConfig:
     every_n_steps: int = 20
-    progress: str = "auto"  # auto | rich | plain | none
+    progress: Progress = Progress.auto  # auto | rich | plain | none
     tensorboard: bool = True
     test_every_epoch: bool = False  # also evaluate the test split after every epoch (E1/E2 curves)
     plots: bool = True  # curves, confusion matrices (train, test) and feature PCA in the run directory
@@ -168,9 +250,7 @@ TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.sampler"
            "data.mixup_alpha", "data.cutmix_alpha", "model.", "optim.", "sched.", "loss.", "train.epochs",
            "train.grad_accum_steps", "train.clip_grad_norm")
 
-PRECISIONS = ("no", "bf16", "fp16")
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-PROGRESS = ("auto", "rich", "plain", "none")
 
 
 def _omega_error(e: OmegaConfBaseException) -> ConfigError:
@@ -179,7 +259,38 @@ def _omega_error(e: OmegaConfBaseException) -> ConfigError:
     if "'StageConfig'" in msg and key and "." not in str(key):
         fields = ", ".join(f.name for f in dataclasses.fields(StageConfig))
         return ConfigError(f"config: train.stages: unknown key {key!r} in a stage; a stage sets: {fields}")
+    # OmegaConf's own text ("Invalid value 'x', expected one of [...]") spans several lines and
+    # says nothing of YAML's booleans; name the key, the word given and the words allowed.
+    choice = getattr(getattr(e, "child_node", None), "enum_type", None)
+    if key and isinstance(e, ValidationError) and isinstance(choice, type) and issubclass(choice, Choice):
+        return ConfigError(f"config: {key}: unknown {_NOUNS.get(choice, 'mode')} {getattr(e, 'value', None)!r}; "
+                           f"choose one of: {', '.join(choice.words())}")
     return ConfigError(f"config: {key}: {msg}" if key else f"config: {msg}")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no object construction) with YAML 1.2's core-schema scalars where YAML
+    1.1 surprises: only true/false (True, TRUE, ...) are booleans, so `no`, `off`, `on`, `yes`
+    stay the words written (a bool field still takes them: OmegaConf converts them); `1e-3` is a
+    float; a date stays a string. Used for config files and `section.key=value` values alike."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, read by YamlLoader. Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
@@ -187,7 +298,7 @@ def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config: no such file: {path}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = parse_yaml(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -205,13 +316,25 @@ def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
 def _parse_overrides(overrides: Iterable[str]) -> List[str]:
     out = []
     for o in overrides:
-        key, sep, value = o.partition("=")
+        key, sep, _ = o.partition("=")
         if not sep or not key or "." not in key:
             raise ConfigError(f"override {o!r} must look like section.key=value")
-        if key.endswith(".precision") and value.strip().lower() == "no":
-            o = f"{key}='no'"  # YAML 1.1 would read a bare `no` as false
         out.append(o)
     return out
+
+
+def _dotlist_layer(dotlist: Sequence[str]) -> Any:
+    """`a.b=value` overrides as one OmegaConf layer, later wins (OmegaConf.from_dotlist, but
+    each value read by YamlLoader)."""
+    layer = OmegaConf.create()
+    for o in dotlist:
+        key, _, text = o.partition("=")
+        try:
+            value = parse_yaml(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
+        OmegaConf.update(layer, key, value, merge=True)
+    return layer
 
 
 def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) -> tuple:
@@ -219,9 +342,6 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) ->
     layers = []
     if path is not None:
         data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
-        for body in data.values():  # `precision: no` (train, extract), read as false by YAML 1.1
-            if isinstance(body, dict) and body.get("precision") is False:
-                body["precision"] = "no"
         data.setdefault("run", {})
         if isinstance(data["run"], dict):
             data["run"].setdefault("name", Path(path).stem)
@@ -232,7 +352,7 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) ->
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
         if dotlist:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+            merged = OmegaConf.merge(merged, _dotlist_layer(dotlist))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
@@ -327,7 +447,8 @@ def _need(cond: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Range and name checks that types alone cannot express. One line per failure."""
+    """Range, cross-field and registry-name checks: what the types (mode fields are `Choice`
+    enums, checked by OmegaConf) cannot express. One line per failure."""
     d, o, s, t = cfg.data, cfg.optim, cfg.sched, cfg.train
     for i, st in enumerate(t.stages):
         _need(st.epochs >= 1, f"train.stages[{i}].epochs", f"must be >= 1, got {st.epochs}")
@@ -356,18 +477,10 @@ def validate(cfg: Config) -> None:
           f"must be two values in [0, 1), got {list(o.betas)}")
     _need(o.eps is None or o.eps > 0, "optim.eps", f"must be > 0 or null, got {o.eps}")
     _need(0 < o.alpha < 1, "optim.alpha", f"must be in (0, 1), got {o.alpha}")
-    _need(cfg.loss.distance in ("cosine", "euclidean"), "loss.distance",
-          f"unknown distance {cfg.loss.distance!r}; choose one of: cosine, euclidean")
     _need(cfg.loss.margin >= 0, "loss.margin", f"must be >= 0, got {cfg.loss.margin}")
     _need(cfg.loss.ce_weight >= 0, "loss.ce_weight", f"must be >= 0, got {cfg.loss.ce_weight}")
-    _need(d.decode in ("workers", "device"), "data.decode",
-          f"unknown mode {d.decode!r}; choose one of: device, workers")
     _need(d.decode == "workers" or d.name == "imagefolder", "data.decode",
           f"device decodes image-folder JPEGs; data.name={d.name} has none (use workers)")
-    _need(d.loader in ("auto", "device", "dataloader"), "data.loader",
-          f"unknown loader {d.loader!r}; choose one of: auto, dataloader, device")
-    _need(d.sampler in ("random", "pk"), "data.sampler",
-          f"unknown sampler {d.sampler!r}; choose one of: pk, random")
     _need(d.pk_k >= 2, "data.pk_k", f"must be >= 2, got {d.pk_k}")
     _need(d.sampler != "pk" or d.batch_size % d.pk_k == 0, "data.batch_size",
           f"{d.batch_size} must be a multiple of data.pk_k ({d.pk_k}) for the pk sampler")
@@ -381,13 +494,8 @@ def validate(cfg: Config) -> None:
     _need(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     _need(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
           f"must be > 0 or null, got {t.clip_grad_norm}")
-    _need(t.precision in PRECISIONS, "train.precision",
-          f"unknown precision {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")
-    _need(t.tta in ("none", "flip"), "train.tta", f"unknown mode {t.tta!r}; choose one of: flip, none")
     _need(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
-    _need(t.nonfinite in ("skip", "stop"), "train.nonfinite",
-          f"unknown mode {t.nonfinite!r}; choose one of: skip, stop")
     _need(t.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {t.max_nonfinite}")
     _need(t.preempt_check_steps >= 1, "train.preempt_check_steps", f"must be >= 1, got {t.preempt_check_steps}")
     _need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
@@ -402,8 +510,6 @@ def validate(cfg: Config) -> None:
     _need(not (d.mixup_alpha or d.cutmix_alpha) or cfg.loss.name != "triplet", "data.mixup_alpha",
           "mixup/CutMix make soft labels, which the triplet loss cannot use; use cross_entropy, squared or mse")
     _need(cfg.log.every_n_steps >= 1, "log.every_n_steps", f"must be >= 1, got {cfg.log.every_n_steps}")
-    _need(cfg.log.progress in PROGRESS, "log.progress",
-          f"unknown mode {cfg.log.progress!r}; choose one of: {', '.join(PROGRESS)}")
     _need(cfg.model.num_classes is None or cfg.model.num_classes >= 2, "model.num_classes",
           f"must be >= 2 or null, got {cfg.model.num_classes}")
 
@@ -411,14 +517,12 @@ def validate(cfg: Config) -> None:
     from toolkit.data import DATASETS
     from toolkit.data.augment import AUGMENTS
     from toolkit.losses import LOSSES
-    from toolkit.models import FREEZE_MODES, MODELS
+    from toolkit.models import MODELS
     from toolkit.optim import OPTIMIZERS, SCHEDULERS
 
     DATASETS.check(d.name, "data.name")
     AUGMENTS.check(d.augment, "data.augment")
     MODELS.check(cfg.model.name, "model.name")
-    _need(cfg.model.freeze in FREEZE_MODES, "model.freeze",
-          f"unknown mode {cfg.model.freeze!r}; choose one of: {', '.join(FREEZE_MODES)}")
     OPTIMIZERS.check(o.name, "optim.name")
     SCHEDULERS.check(s.name, "sched.name")
     LOSSES.check(cfg.loss.name, "loss.name")
@@ -441,16 +545,29 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"config: data.root: no such directory: {cfg.data.root}")
 
 
-def to_dict(cfg: Config) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def _plain(value: Any) -> Any:
+    """Enum members -> their words, recursively: what YAML, JSON, Ray Tune and TensorBoard get."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
-def to_yaml(cfg: Config) -> str:
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """A config (Config, ExtractConfig) as nested dicts of plain values (no enums)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML; load_config / load_extract_config read it back equal."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def to_flat(cfg: Config) -> Dict[str, Any]:
-    """{"optim.lr": 0.05, ...} for every key."""
+def to_flat(cfg: Any) -> Dict[str, Any]:
+    """{"optim.lr": 0.05, ...} for every key, plain values."""
     return {f"{sec}.{k}": v for sec, vals in to_dict(cfg).items() for k, v in vals.items()}
 
 
@@ -476,3 +593,85 @@ def with_flat(cfg: Config, flat: Dict[str, Any]) -> Config:
         _derive_epochs(new, explicit="train.epochs" in flat)
     validate(new)
     return new
+
+
+# ------------------------------------------------------------------------------------------
+# extraction (toolkit/extract.py): its own sections, layered and checked the same way
+
+
+@dataclass
+class ExtractRunConfig:
+    name: str = "extract"  # default: the config file's stem
+    dir: Optional[str] = None  # default: model.run if set, else runs/<name>; features go to DIR/features
+    seed: int = 0  # initialises a model that has no weights to load (the same on every rank)
+
+
+@dataclass
+class ExtractDataConfig:
+    name: str = "folder"  # folder (any image tree; bad files listed) or a training dataset (digits, cifar10, ...)
+    root: Optional[str] = None
+    split: Split = Split.test  # training datasets only: train | val | test
+    image_size: Optional[int] = None  # folder: null -> the trained run's, else 224
+    batch_size: int = 64  # per process
+    num_workers: int = 0
+    loader: Loader = Loader.auto  # auto | device (in-memory datasets gathered on the device) | dataloader
+    limit: Optional[int] = None  # first N images only
+    split_seed: int = 0  # training datasets: the split the run used
+    download: bool = False
+
+
+@dataclass
+class ExtractModelConfig:
+    name: Optional[str] = None  # a registered model; null with model.run
+    pretrained: Optional[str] = None  # torchvision weights name (local cache) or state-dict path
+    run: Optional[str] = None  # a training run directory: its model and RUN/model.safetensors
+    num_classes: Optional[int] = None  # null: the run's, else 1000 (keeps an ImageNet head)
+
+
+@dataclass
+class ExtractSection:
+    layer: str = "features"  # features (pooled penultimate) | logits | a module name, e.g. backbone.layer3
+    l2_normalize: bool = True
+    precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 needs CUDA)
+    channels_last: bool = False
+    shard_size: int = 1024  # images per shard: the unit of work, of resume and of writes
+    dist_timeout_s: int = 1800  # how long ranks wait for each other at the end
+
+
+@dataclass
+class ExtractConfig:
+    run: ExtractRunConfig = field(default_factory=ExtractRunConfig)
+    data: ExtractDataConfig = field(default_factory=ExtractDataConfig)
+    model: ExtractModelConfig = field(default_factory=ExtractModelConfig)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+
+
+def load_extract_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExtractConfig:
+    """YAML file (optional) + `section.key=value` overrides -> validated ExtractConfig."""
+    cfg, _, _ = merge_layers(ExtractConfig, path, overrides)
+    validate_extract(cfg)
+    return cfg
+
+
+def validate_extract(cfg: ExtractConfig) -> None:
+    """Range, cross-field and registry-name checks of an extraction config. One line per failure."""
+    d, m, e = cfg.data, cfg.model, cfg.extract
+    from toolkit.data import DATASETS
+    from toolkit.models import MODELS
+
+    names = ["folder", *DATASETS.names()]
+    _need(d.name in names, "data.name", f"unknown dataset {d.name!r}; choose one of: {', '.join(names)}")
+    _need(d.name != "folder" or d.root is not None, "data.root", "folder needs data.root (the image collection)")
+    _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+    _need(d.image_size is None or d.image_size >= 8, "data.image_size", f"must be >= 8 or null, got {d.image_size}")
+    _need(m.name is not None or m.run is not None, "model.name", "set model.name (e.g. resnet50) or model.run")
+    _need(m.run is None or m.pretrained is None, "model.pretrained",
+          "model.run brings its own weights (RUN/model.safetensors); leave model.pretrained out")
+    if m.name is not None:
+        MODELS.check(m.name, "model.name")
+    _need(m.num_classes is None or m.num_classes >= 2, "model.num_classes", f"must be >= 2 or null, got {m.num_classes}")
+    _need(bool(e.layer), "extract.layer", "must name a layer: features, logits or a module name")
+    _need(e.shard_size >= 1, "extract.shard_size", f"must be >= 1, got {e.shard_size}")
+    _need(e.dist_timeout_s >= 1, "extract.dist_timeout_s", f"must be >= 1, got {e.dist_timeout_s}")

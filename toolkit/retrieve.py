@@ -153,7 +153,8 @@ class QueryEncoder:
     """Encodes image files exactly as the features in DIR were extracted (model, layer, size)."""
 
     def __init__(self, features_dir: Path, meta: Dict[str, Any]):
-        from toolkit.extract import Extractor, build_model, load_extract_config
+        from toolkit.config import load_extract_config
+        from toolkit.features import Extractor, build_model
 
         pre = meta["preprocess"]
         if pre.get("kind") != "resize_center_crop":
@@ -170,7 +171,7 @@ class QueryEncoder:
         self.normalize = Normalize(pre["mean"], pre["std"])
 
     def __call__(self, paths: Sequence[str]) -> torch.Tensor:
-        from toolkit.data.imagefolder import load_rgb
+        from toolkit.data.images import load_rgb
 
         xs = []
         for p in paths:
@@ -272,7 +273,7 @@ def write_grid(results: List[Dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.data.imagefolder import load_rgb
+    from toolkit.data.images import load_rgb
 
     cols = 1 + max(len(r["results"]) for r in results)
     fig, axes = plt.subplots(len(results), cols, figsize=(2.2 * cols, 2.5 * len(results)), squeeze=False)
@@ -348,8 +349,12 @@ def cmd_pairs(args) -> int:
         raise ConfigError("pairs: give at least two images")
     meta = read_meta(args.features)
     f = QueryEncoder(args.features, meta)(args.images)  # (n, D) normalised
-    cos = (f @ f.T).clamp(-1, 1)
-    table_vals = (2 - 2 * cos).clamp_min(0).sqrt() if args.metric == "euclidean" else cos
+    if args.metric == "euclidean":
+        # from the differences, not sqrt(2 - 2 cos): near 0 that cancels to ~3e-4 for an image
+        # and itself (cos = 1 - 6e-8 in float32); (n, n, D) is small for a table of images
+        table_vals = (f[:, None, :] - f[None, :, :]).norm(dim=2)  # (n, n)
+    else:
+        table_vals = (f @ f.T).clamp(-1, 1)  # (n, n)
     names = [Path(p).name for p in args.images]
     table = Table(title=f"{args.metric} {'distance' if args.metric == 'euclidean' else 'similarity'} "
                         "between L2-normalised features")

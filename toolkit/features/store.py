@@ -15,14 +15,13 @@ Shard k holds dataset indices [k * shard_size, (k + 1) * shard_size) minus the b
 the shards do not depend on the world size, and concatenating them in k order gives every
 good image exactly once in dataset order. A shard counts as done only when its marker exists
 and the shard file's size and checksum match it; both are written to a temp name and renamed,
-so a crash leaves either a complete shard or nothing usable.
+so a crash leaves either a complete shard or nothing usable (toolkit.rundir.write_atomic).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,8 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from toolkit.checkpoint import _sha256 as sha256, _write_atomic as write_atomic_text  # noqa: F401  (used by extract)
 from toolkit.errors import ConfigError
+from toolkit.rundir import sha256, write_atomic, write_atomic_text
 
 SHARDS = "shards"
 META = "meta.json"
@@ -52,12 +51,8 @@ def write_shard(folder: Path, k: int, features: torch.Tensor, index: torch.Tenso
     folder.mkdir(parents=True, exist_ok=True)
     name = shard_name(k)
     final = folder / f"{name}.safetensors"
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file({"features": features.contiguous(), "index": index.contiguous(), "labels": labels.contiguous()},
-              str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    tensors = {"features": features.contiguous(), "index": index.contiguous(), "labels": labels.contiguous()}
+    write_atomic(final, lambda tmp: save_file(tensors, str(tmp)))
     marker = {"shard": k, "rows": int(len(index)), "dim": int(features.shape[1]) if features.ndim == 2 else 0,
               "bytes": final.stat().st_size, "sha256": sha256(final),
               "bad": [[int(i), str(p), str(r)] for i, p, r in bad]}
@@ -149,10 +144,12 @@ def load_features(path: Path) -> Features:
 
 def write_manifest(path: Path, index: torch.Tensor, labels: torch.Tensor, paths: Sequence[str],
                    class_names: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "index", "path", "label", "class"])
-        for row, (i, y, p) in enumerate(zip(index.tolist(), labels.tolist(), paths)):
-            w.writerow([row, i, p, y, class_names[y] if 0 <= y < len(class_names) else ""])
-    os.replace(tmp, path)
+    """manifest.csv: row, index, path, label, class of every row, in row order."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", "index", "path", "label", "class"])
+            for row, (i, y, p) in enumerate(zip(index.tolist(), labels.tolist(), paths)):
+                w.writerow([row, i, p, y, class_names[y] if 0 <= y < len(class_names) else ""])
+
+    write_atomic(path, write)

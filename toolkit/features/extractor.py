@@ -1,0 +1,109 @@
+"""The model side of extraction: the network a features directory is computed with, and the
+module that turns images into feature vectors.
+
+    model, record = build_model(cfg.model, seed=cfg.run.seed)   # cfg: toolkit.config.ExtractConfig
+    feats = Extractor(model, "features")(x)                      # x (B, 3, H, W) -> (B, D), L2-normalised
+
+Used by `toolkit/extract.py` (the job) and `toolkit/retrieve.py` (encoding query images exactly
+as the gallery was encoded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.config import Config, ExtractModelConfig, load_config
+from toolkit.errors import ConfigError
+
+LAYERS_BUILTIN = ("features", "logits")
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The config of a finished training run (`model.run`); a one-line error if it is not one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise ConfigError(f"config: model.run: {run_dir} is not a finished training run "
+                          "(needs config.yaml and model.safetensors)")
+    return load_config(str(run_dir / "config.yaml"))
+
+
+def build_model(m: ExtractModelConfig, seed: int = 0) -> tuple[nn.Module, Dict[str, Any]]:
+    """-> model in eval mode, and the record of where it came from (for meta.json). Weights that
+    are not loaded from a file are initialised from `seed`: the same on every rank and rerun."""
+    torch.manual_seed(seed)
+    from safetensors.torch import load_file
+
+    from toolkit.models import MODELS, check_pretrained
+
+    if m.run is not None:
+        run_dir = Path(m.run).absolute()
+        train_cfg = load_run_config(run_dir)
+        name = train_cfg.model.name
+        if m.name is not None and m.name != name:
+            raise ConfigError(f"config: model.name: {m.name} differs from the run's model {name}; leave it out")
+        weights = run_dir / "model.safetensors"
+        try:
+            sd = load_file(str(weights))
+        except Exception as e:
+            raise ConfigError(f"config: model.run: cannot read {weights} ({type(e).__name__}: {e})") from None
+        head = sd.get("classifier.weight")
+        num_classes = m.num_classes or (int(head.shape[0]) if head is not None else train_cfg.model.num_classes)
+        model = MODELS.build(name, num_classes=num_classes, pretrained=None)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"config: model.run: {weights} does not fit {name}: {str(e).splitlines()[0]}") from None
+        record = {"name": name, "num_classes": num_classes, "run": str(run_dir), "weights": str(weights)}
+    else:
+        check_pretrained(m.name, m.pretrained)
+        num_classes = m.num_classes or 1000
+        model = MODELS.build(m.name, num_classes=num_classes, pretrained=m.pretrained)
+        record = {"name": m.name, "num_classes": num_classes, "pretrained": m.pretrained}
+    return model.eval(), record
+
+
+class _Stop(Exception):
+    """Raised by the layer hook: nothing after the chosen layer needs computing."""
+
+
+class Extractor(nn.Module):
+    """x (B, 3, H, W) -> features (B, D) float32 from `layer`, L2-normalised if asked.
+
+    A module's 4-D output is global-average-pooled to (B, C); other shapes are flattened."""
+
+    def __init__(self, model: nn.Module, layer: str = "features", l2_normalize: bool = True):
+        super().__init__()
+        self.model, self.layer, self.l2 = model, layer, l2_normalize
+        self._out: Optional[torch.Tensor] = None
+        if layer not in LAYERS_BUILTIN:
+            modules = dict(model.named_modules())
+            if layer not in modules:
+                top = [n for n, _ in model.named_children()]
+                raise ConfigError(f"config: extract.layer: no module {layer!r} in {type(model).__name__}; use "
+                                  f"features, logits or a module name (top level: {', '.join(top)})")
+            modules[layer].register_forward_hook(self._hook)
+
+    def _hook(self, _module, _args, out) -> None:
+        self._out = out
+        raise _Stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer == "features":
+            f = self.model.forward_features(x)
+        elif self.layer == "logits":
+            f = self.model(x)
+        else:
+            try:
+                self.model(x)
+                raise RuntimeError(f"layer {self.layer} did not run in the forward pass")
+            except _Stop:
+                f, self._out = self._out, None
+        if f.ndim == 4:
+            f = f.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        f = f.flatten(1).float()  # (B, D)
+        return F.normalize(f, dim=1) if self.l2 else f
