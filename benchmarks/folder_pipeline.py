@@ -45,6 +45,7 @@ from torchvision.transforms import v2
 from toolkit.data import DATASETS, collate_batch
 from toolkit.data.base import collate_for
 from toolkit.data import imagefolder as imf
+from toolkit.data import images
 from toolkit.prepare import prepare
 
 
@@ -83,16 +84,16 @@ class PillowFolder(imf.ImageFolderDataset):
         super().__init__(paths, labels, image_size)
         self.transform = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
                                      v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(imf.IMAGENET_MEAN, imf.IMAGENET_STD)])
+                                     v2.Normalize(images.IMAGENET_MEAN, images.IMAGENET_STD)])
 
     def __getitem__(self, i):
-        return self.transform(imf.load_rgb(str(self.paths[i]))), self.labels[i]
+        return self.transform(images.load_rgb(str(self.paths[i]))), self.labels[i]
 
 
 def one_pass(ds, batch: int, workers: int, fast_decode: bool = True) -> float:
     """Images/s of one full pass, worker start included."""
-    saved = imf._DECODERS
-    imf._DECODERS = saved if fast_decode else {}  # forked workers inherit the switch
+    saved = images._DECODERS
+    images._DECODERS = saved if fast_decode else {}  # forked workers inherit the switch
     try:
         loader = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_batch,
                             pin_memory=False, persistent_workers=False)
@@ -102,17 +103,17 @@ def one_pass(ds, batch: int, workers: int, fast_decode: bool = True) -> float:
             n += len(x)
         return n / (time.perf_counter() - t0)
     finally:
-        imf._DECODERS = saved
+        images._DECODERS = saved
 
 
 def per_image(base: Path, size: int, repeats: int) -> None:
     """ms per image of the three per-image pipelines, one thread, files in the page cache."""
     sets = {"256x256 JPEG": (256, 256, ".jpg"), "500x375 JPEG": (375, 500, ".jpg"), "500x375 PNG": (375, 500, ".png")}
     pil = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
-    saved = imf._DECODERS
-    fns = {"Pillow + Pillow resize": lambda p: pil(imf.load_rgb(p)),
-           "Pillow + tensor resize": lambda p: imf.load_resized(p, size),
-           "torchvision + tensor resize": lambda p: imf.load_resized(p, size)}
+    saved = images._DECODERS
+    fns = {"Pillow + Pillow resize": lambda p: pil(images.load_rgb(p)),
+           "Pillow + tensor resize": lambda p: images.load_resized(p, size),
+           "torchvision + tensor resize": lambda p: images.load_resized(p, size)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     print(f"\nper image, 1 thread, {size} px, ms (median of {repeats}); torchvision decoders: {bool(saved)}")
@@ -128,15 +129,15 @@ def per_image(base: Path, size: int, repeats: int) -> None:
             times = {k: [] for k in fns}
             for _ in range(repeats + 1):  # the first round warms up
                 for k, fn in fns.items():
-                    imf._DECODERS = saved if k.startswith("torchvision") else {}
+                    images._DECODERS = saved if k.startswith("torchvision") else {}
                     t0 = time.perf_counter()
                     for path in paths:
                         fn(path)
                     times[k].append(1e3 * (time.perf_counter() - t0) / len(paths))
-            imf._DECODERS = saved
+            images._DECODERS = saved
             print(f"{name:14s} " + " ".join(f"{statistics.median(v[1:]):28.3f}" for v in times.values()), flush=True)
     finally:
-        imf._DECODERS = saved
+        images._DECODERS = saved
         torch.set_num_threads(threads)
 
 

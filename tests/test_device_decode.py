@@ -1,5 +1,5 @@
 """data.decode=device: image-folder JPEGs travel from the workers as bytes and are decoded,
-resized and normalised in batches where the batch lands (toolkit.data.imagefolder.DeviceDecode).
+resized and normalised in batches where the batch lands (toolkit.data.device_decode.DeviceDecode).
 On the CPU the device decoder is libjpeg-turbo, as in the workers, so both paths must give the
 same batches bit for bit; tests/test_gpu.py compares nvJPEG on a GPU with them."""
 
@@ -9,38 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO, assert_same_weights, launch, ok, summary, train
-from torch.utils.data import DataLoader
 
-from test_imagefolder import _image, build, make_folder
+from helpers import (DEMO, assert_same_weights, build_imagefolder, decode_folder_args, decoded_batches, launch,
+                     make_decode_folder, ok, summary, train)
 from toolkit.config import load_config
-from toolkit.data.base import collate_for, device_items
-from toolkit.data.imagefolder import EncodedBatch
+from toolkit.data.base import collate_for
+from toolkit.data.device_decode import EncodedBatch
 from toolkit.errors import ConfigError
 
 CPU = torch.device("cpu")
 
 
-def folder(tmp_path: Path) -> Path:
-    """test_imagefolder's folder (every mode and format), plus greyscale and odd-sized RGB JPEGs,
-    so that the JPEG path decodes L and RGB and resizes by odd factors."""
-    root = make_folder(tmp_path / "data")
-    for split, n in (("train", 3), ("val", 2), ("test", 2)):
-        for c, name in enumerate(("cat", "dog", "emu")):
-            for i in range(n):
-                _image("L", c, i, size=(45, 61)).save(root / split / name / f"grey{i}.jpg")
-                _image("RGB", c, i + 7, size=(97, 53)).save(root / split / name / f"wide{i}.jpeg", quality=85)
-    return root
-
-
-def batches(ds, decode: str, workers: int = 2, batch: int = 5):
-    norm = ds.device_decode(CPU) if decode == "device" else device_items(ds)
-    return [(norm(x), y) for x, y in DataLoader(ds, batch_size=batch, num_workers=workers,
-                                                 collate_fn=collate_for(ds))]
-
-
 def test_jpegs_travel_as_bytes_and_everything_else_decoded(tmp_path):
-    ds = build(folder(tmp_path)).train
+    ds = build_imagefolder(make_decode_folder(tmp_path)).train
     ds.device_decode(CPU)
     kinds = {}
     for i in range(len(ds)):
@@ -62,8 +43,8 @@ def test_jpegs_travel_as_bytes_and_everything_else_decoded(tmp_path):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_device_decode_gives_the_workers_batches_bit_for_bit(tmp_path, split):
-    root = folder(tmp_path)
-    a, b = (batches(getattr(build(root), split), mode) for mode in ("workers", "device"))
+    root = make_decode_folder(tmp_path)
+    a, b = (decoded_batches(getattr(build_imagefolder(root), split), mode) for mode in ("workers", "device"))
     assert len(a) == len(b) > 1
     for (xa, ya), (xb, yb) in zip(a, b):
         assert xa.dtype == xb.dtype == torch.float32 and xa.shape == xb.shape
@@ -71,17 +52,17 @@ def test_device_decode_gives_the_workers_batches_bit_for_bit(tmp_path, split):
 
 
 def test_a_jpeg_the_batched_decoder_refuses_is_decoded_alone_then_by_pillow(tmp_path, monkeypatch):
-    import toolkit.data.imagefolder as imagefolder
+    import toolkit.data.device_decode as device_decode
 
-    root = folder(tmp_path)
-    want = batches(build(root).test, "workers", workers=0)
+    root = make_decode_folder(tmp_path)
+    want = decoded_batches(build_imagefolder(root).test, "workers", workers=0)
     calls = []
 
     def refuse(data, **kw):
         calls.append(type(data))
         raise RuntimeError("not this one")
-    monkeypatch.setattr(imagefolder, "decode_jpeg", refuse)
-    got = batches(build(root).test, "device", workers=0)
+    monkeypatch.setattr(device_decode, "decode_jpeg", refuse)
+    got = decoded_batches(build_imagefolder(root).test, "device", workers=0)
     assert list in calls and torch.Tensor in calls  # the batch, then each image alone
     for (xa, _), (xb, _) in zip(want, got):  # Pillow and libjpeg-turbo decode these alike
         assert (xa - xb).abs().max() <= 2 / 255 / 0.224, (xa - xb).abs().max()
@@ -95,38 +76,31 @@ def test_decode_device_is_for_image_folders_only():
         load_config(DEMO, ["data.decode=gpu"])
 
 
-def _folder_args(tmp_path: Path, run: str, *extra: str) -> list:
-    root = tmp_path / "data"
-    if not root.exists():
-        folder(tmp_path)
-    return ["--config", DEMO, "data.name=imagefolder", f"data.root={root}", "data.image_size=32",
-            "data.batch_size=8", "data.eval_batch_size=8", "data.num_workers=2", "train.epochs=2",
-            "sched.milestones=[]", "log.tensorboard=false", "log.plots=false", f"run.dir={tmp_path / run}", *extra]
-
-
+@pytest.mark.slow
 def test_training_with_device_decode_equals_worker_decode(tmp_path):
     """The whole CLI (train, val, test, train-set evaluation) on batches decoded either way:
     the same batches, so the same weights."""
-    ok(train(_folder_args(tmp_path, "workers")))
-    ok(train(_folder_args(tmp_path, "device", "data.decode=device")))
+    ok(train(decode_folder_args(tmp_path, "workers")))
+    ok(train(decode_folder_args(tmp_path, "device", "data.decode=device")))
     assert_same_weights(tmp_path / "workers" / "model.safetensors", tmp_path / "device" / "model.safetensors")
     a, b = summary(tmp_path / "workers"), summary(tmp_path / "device")
     assert (a["decode"], b["decode"]) == ("workers", "device") and a["test_acc"] == b["test_acc"]
 
 
+@pytest.mark.slow
 def test_device_decode_on_two_processes(tmp_path):
     """Each rank's loader collates its own slice of the global batch (split_batches): the byte
     lists are never cut, and evaluation still counts every image once."""
-    ok(launch(_folder_args(tmp_path, "ddp", "data.decode=device")))
+    ok(launch(decode_folder_args(tmp_path, "ddp", "data.decode=device")))
     s = summary(tmp_path / "ddp")
-    n_test = len(build(tmp_path / "data").test)
+    n_test = len(build_imagefolder(tmp_path / "data").test)
     assert s["world_size"] == 2 and s["decode"] == "device" and s["num_test_samples"] == n_test
 
 
 def test_an_image_changed_after_the_check_is_one_line(tmp_path):
     """Files are checked when the dataset is built; one that breaks later fails in the worker
     with the same one line on both paths."""
-    ds = build(folder(tmp_path)).test
+    ds = build_imagefolder(make_decode_folder(tmp_path)).test
     ds.device_decode(CPU)
     victim = next(i for i in range(len(ds)) if str(ds.paths[i]).endswith(".png"))
     Path(ds.paths[victim]).write_bytes(b"no longer an image")
@@ -134,9 +108,10 @@ def test_an_image_changed_after_the_check_is_one_line(tmp_path):
         ds[victim]
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(tmp_path):
-    ok(train(_folder_args(tmp_path, "whole", "data.decode=device")))
-    args = _folder_args(tmp_path, "cut", "data.decode=device", "train.checkpoint_every_steps=1")
+    ok(train(decode_folder_args(tmp_path, "whole", "data.decode=device")))
+    args = decode_folder_args(tmp_path, "cut", "data.decode=device", "train.checkpoint_every_steps=1")
     assert train(args, env={"TOOLKIT_FAULT_KILL_AT_STEP": "6"}).returncode != 0  # epoch 2, batch 2 of 4
     ok(train([*args, "train.resume=auto"]))
     assert summary(tmp_path / "cut")["resumed_from"].endswith("step_6")

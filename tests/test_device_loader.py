@@ -11,8 +11,7 @@ import torch
 from accelerate.state import GradientState
 from accelerate.utils import DistributedType
 
-from conftest import DEMO, assert_same_weights, launch, ok, summary, train
-from test_imagefolder import make_folder
+from helpers import DEMO, assert_same_weights, launch, make_folder, ok, summary, train
 from toolkit.data import TensorImageDataset
 from toolkit.data.device_loader import DeviceLoader
 from toolkit.data.samplers import EpochSampler, PKSampler

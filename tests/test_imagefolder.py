@@ -5,58 +5,27 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ok, summary, train
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from helpers import (CLASSES, flat_image, make_folder, ok, png_bomb, summary, train, truncated_bmp, truncated_jpeg,
+                     truncated_png)
+from helpers import build_imagefolder as build
 from toolkit.data import DATASETS, collate_batch
-from toolkit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
+from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD
 from toolkit.errors import ConfigError
 
-CLASSES = ["cat", "dog", "emu"]
-PER_CLASS = {"train": 6, "val": 2, "test": 3, "extra": 2}
-# (mode, file extension): every mode Pillow can write in that format; upper-case extensions count too
-KINDS = [("RGB", ".jpg"), ("L", ".png"), ("P", ".png"), ("CMYK", ".JPEG"), ("RGBA", ".png"), ("1", ".bmp"),
-         ("RGB", ".webp"), ("P", ".gif"), ("RGB", ".tif")]
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-
-
-def _image(mode: str, c: int, i: int, size=(40, 30)) -> Image.Image:
-    rgb = Image.new("RGB", size, (60 + 80 * c, 30 * i % 256, 200 - 50 * c))
-    if mode == "P":
-        return rgb.quantize(16)
-    return rgb.convert(mode)
-
-
-def make_folder(root: Path, per_class=PER_CLASS) -> Path:
-    """root/<split>/<class>/<i><ext>, 40x30 px, modes and formats cycling through KINDS."""
-    for split, n in per_class.items():
-        for c, name in enumerate(CLASSES):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                mode, ext = KINDS[(c * n + i) % len(KINDS)]
-                _image(mode, c, i).save(d / f"{i:02d}{ext}")
-            (d / "notes.txt").write_text("not an image")  # ignored: extension
-            (d / ".hidden.png").write_bytes(b"junk")  # ignored: hidden
-    return root
 
 
 @pytest.fixture
 def root(tmp_path) -> Path:
     return make_folder(tmp_path / "data")
-
-
-def build(root: Path, **kw):
-    kw = {"split_seed": 0, "limit": None, "download": False, "image_size": 32, **kw}
-    return DATASETS.build("imagefolder", root=str(root), **kw)
 
 
 def one_line_error(**kw) -> str:
@@ -234,7 +203,7 @@ def test_a_split_without_images(root):
 @pytest.mark.parametrize("split", ["test", "val", "extra"])
 def test_a_class_folder_not_in_train(root, split):
     (root / split / "yak").mkdir()
-    _image("RGB", 0, 0).save(root / split / "yak" / "00.png")
+    flat_image("RGB", 0, 0).save(root / split / "yak" / "00.png")
     msg = one_line_error(root=root, train_splits=["train", "extra"])
     assert str(root / split) in msg and "yak" in msg and str(root / "train") in msg
 
@@ -247,41 +216,14 @@ def test_a_class_missing_from_a_split_is_fine(root):
     assert s.num_classes == 3 and s.test.labels.tolist() == [0] * 3 + [2] * 3
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature and IHDR claiming width x height, and nothing else of substance."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-
-
-def _truncated_jpeg(path: Path) -> None:
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(path, quality=95)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with Image.open(path) as im:  # the header survives: only a full decode can tell
-        im.verify()
-
-
-def _truncated_png(path: Path) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:-200])
-
-
-def _truncated_bmp(path: Path) -> None:  # BMP's verify() checks nothing: only load() can tell
-    Image.new("RGB", (40, 30), (1, 2, 3)).save(path)
-    path.write_bytes(path.read_bytes()[:-500])
-
-
 BAD = {
     "zero_bytes": (".jpg", lambda p: p.write_bytes(b""), "empty file"),
     "random_bytes": (".png", lambda p: p.write_bytes(np.random.default_rng(1).bytes(500)), "not an image"),
     "text_named_jpg": (".jpg", lambda p: p.write_text("hello, I am not a JPEG\n" * 20), "not an image"),
-    "truncated_jpeg": (".jpg", _truncated_jpeg, "truncated"),
-    "truncated_png": (".png", _truncated_png, "Truncated"),
-    "truncated_bmp": (".bmp", _truncated_bmp, "truncated"),
-    "bomb": (".png", lambda p: p.write_bytes(_png_header_only(100_000, 100_000)), "DecompressionBomb"),
+    "truncated_jpeg": (".jpg", truncated_jpeg, "truncated"),
+    "truncated_png": (".png", truncated_png, "Truncated"),
+    "truncated_bmp": (".bmp", truncated_bmp, "truncated"),
+    "bomb": (".png", lambda p: p.write_bytes(png_bomb(100_000, 100_000)), "DecompressionBomb"),
 }
 
 
@@ -325,6 +267,7 @@ def test_an_image_broken_after_the_build_is_named_when_loaded(root):
 # the real CLI
 
 
+@pytest.mark.slow
 def test_train_cli_on_an_image_folder(root, tmp_path):
     run = tmp_path / "run"
     ok(train(["--config", "configs/digits_lenet.yaml", "data.name=imagefolder", f"data.root={root}",

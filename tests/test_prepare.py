@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ok, summary, train
 from PIL import Image
 from safetensors import safe_open
 from torchvision.transforms import v2
 
+from helpers import ok, png_bomb, run_module, summary, train, truncated_jpeg, truncated_png
 from toolkit.data import DATASETS
-from toolkit.data import imagefolder as imf
+from toolkit.data import images as imf
 from toolkit.errors import ConfigError
 from toolkit.prepare import main as prepare_main
 from toolkit.prepare import prepare
@@ -95,8 +94,7 @@ def one_line_error(name: str, root: Path, **kw) -> str:
 
 
 def prepare_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.prepare", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_module("toolkit.prepare", args, timeout=300)
 
 
 def prepare_in_process(capsys, *args: str, code: int = 2) -> str:
@@ -154,15 +152,8 @@ def test_resize_within_one_level_of_pillow(folder, size):
     assert float(torch.cat([d.flatten() for d in diffs]).float().mean()) < 0.1
 
 
-def _truncated_jpeg(path: Path) -> bytes:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # libjpeg alone would fill the rest with grey
-    return path.read_bytes()
-
-
 def test_truncated_jpeg_is_refused_by_torchvision_and_pillow(tmp_path):
-    data = _truncated_jpeg(tmp_path / "t.jpg")
+    data = truncated_jpeg(tmp_path / "t.jpg")
     with pytest.raises(RuntimeError, match="truncated"):  # the fast decoder itself refuses it ...
         imf._DECODERS["JPEG"](torch.frombuffer(bytearray(data), dtype=torch.uint8), 3, False)
     with pytest.raises(OSError, match="truncated"):  # ... and what the caller sees is Pillow's error
@@ -170,20 +161,17 @@ def test_truncated_jpeg_is_refused_by_torchvision_and_pillow(tmp_path):
 
 
 def test_truncated_png_is_refused(tmp_path):
-    Image.fromarray(natural(64, 64, 1)).save(tmp_path / "t.png")
-    (tmp_path / "t.png").write_bytes((tmp_path / "t.png").read_bytes()[:-200])
+    truncated_png(tmp_path / "t.png")
     with pytest.raises(OSError):
         imf.decode_uint8(str(tmp_path / "t.png"))
 
 
 def test_bombs_are_refused_before_any_decoder_runs(tmp_path, monkeypatch):
-    from test_imagefolder import _png_header_only
-
     def must_not_run(*a):
         raise AssertionError("a decoder ran on a decompression bomb")
 
     monkeypatch.setattr(imf, "_DECODERS", {"JPEG": must_not_run, "PNG": must_not_run})
-    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))  # torchvision would allocate 30 GB
+    (tmp_path / "bomb.png").write_bytes(png_bomb(100_000, 100_000))  # torchvision would allocate 30 GB
     with pytest.raises(Image.DecompressionBombError):
         imf.decode_uint8(str(tmp_path / "bomb.png"))
     Image.fromarray(natural(40, 30, 2)).save(tmp_path / "small.jpg")
@@ -318,6 +306,7 @@ def test_a_partial_folder_never_looks_complete(folder, tmp_path, monkeypatch):
 # the real CLIs
 
 
+@pytest.mark.slow
 def test_cli_prepare_then_train(folder, tmp_path):
     out, run = tmp_path / "p", tmp_path / "run"
     proc = ok(prepare_cli("--root", str(folder), "--image-size", str(SIZE), "--out", str(out), "--workers", "2",
@@ -356,13 +345,11 @@ def test_cli_prepare_then_train(folder, tmp_path):
 def test_cli_refuses_a_bad_source_image_and_writes_nothing(folder, tmp_path, kind, capsys):
     import shutil
 
-    from test_imagefolder import _png_header_only
-
     src = tmp_path / "src"
     shutil.copytree(folder, src)
     bad = src / "val" / "bee" / f"00_bad.{'jpg' if kind != 'bomb' else 'png'}"
-    {"truncated_jpeg": lambda: _truncated_jpeg(bad), "empty": lambda: bad.write_bytes(b""),
-     "bomb": lambda: bad.write_bytes(_png_header_only(100_000, 100_000))}[kind]()
+    {"truncated_jpeg": lambda: truncated_jpeg(bad), "empty": lambda: bad.write_bytes(b""),
+     "bomb": lambda: bad.write_bytes(png_bomb(100_000, 100_000))}[kind]()
     out = tmp_path / "p"
     line = prepare_in_process(capsys, "--root", str(src), "--image-size", str(SIZE), "--out", str(out))
     assert line.startswith(f"error: --root: 1 unreadable image(s), first: {bad} (")

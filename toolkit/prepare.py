@@ -46,9 +46,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from toolkit.checkpoint import replace_dir
 from toolkit.data.prepared import FORMAT, MANIFEST, VERSION  # the reader owns the format
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.rundir import replace_dir, write_atomic, write_atomic_json
 
 BLOCK = 256  # images decoded and written per block: (256, 3, 224, 224) uint8 is 37 MiB
 
@@ -61,11 +61,12 @@ def _reword(e: ConfigError) -> ConfigError:
 def scan(root: Path, splits: Optional[Sequence[str]], out: Optional[Path] = None
          ) -> Tuple[List[str], Dict[str, Tuple[List[str], List[int]]]]:
     """-> class names, {split: (paths, labels)} in `imagefolder`'s order."""
-    from toolkit.data.imagefolder import _visible_dirs, scan_split
+    from toolkit.data.imagefolder import scan_split
+    from toolkit.data.images import visible_dirs
 
     if not root.is_dir():
         raise ConfigError(f"--root: {root} not found (expected {root}/<split>/<class>/<image>)")
-    present = _visible_dirs(root)
+    present = visible_dirs(root)
     if splits is None:
         skip = out.resolve() if out is not None else None
         present = [s for s in present if (root / s).resolve() != skip]
@@ -83,7 +84,7 @@ def scan(root: Path, splits: Optional[Sequence[str]], out: Optional[Path] = None
     if dupes:
         raise ConfigError(f"--splits: {', '.join(dupes)} listed twice")
     first = root / splits[0]
-    class_names = _visible_dirs(first)
+    class_names = visible_dirs(first)
     if not class_names:
         raise ConfigError(f"--root: no class folders in {first} (expected {first}/<class>/<image>)")
     try:
@@ -114,7 +115,7 @@ def write_split(path: Path, paths: Sequence[str], labels: Sequence[int], image_s
                 pool: ThreadPoolExecutor, metadata: Dict[str, str],
                 advance: Callable[[int], None] = lambda n: None) -> int:
     """Decode `paths` in blocks on `pool` and stream them into one safetensors file; -> bytes."""
-    from toolkit.data.imagefolder import load_resized
+    from toolkit.data.images import load_resized
 
     def one(p: str) -> torch.Tensor:
         return load_resized(p, image_size)  # (3, S, S) uint8
@@ -206,7 +207,7 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
     """Write OUT (see the module docstring); returns the manifest."""
     from PIL import Image
 
-    from toolkit.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, check_image
+    from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD, check_image
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"--image-size: {image_size!r} is not a positive integer")
@@ -241,16 +242,13 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
                         "source_root": str(root_path.resolve()), "splits": {}}
             for name, (paths, labels) in parts.items():
                 file = f"{name}.safetensors"
-                size = write_split(tmp / file, paths, labels, image_size, pool,
-                                   {"format": FORMAT, "version": str(VERSION), "split": name},
-                                   bar.phase(name, len(paths)))
+                meta = {"format": FORMAT, "version": str(VERSION), "split": name}
+                shown = bar.phase(name, len(paths))
+                write_atomic(tmp / file, lambda t: write_split(t, paths, labels, image_size, pool, meta, shown))
+                size = (tmp / file).stat().st_size
                 manifest["splits"][name] = {"size": len(paths), "file": file, "bytes": size,
                                             "files": [Path(p).relative_to(root_path).as_posix() for p in paths]}
-        with open(tmp / MANIFEST, "w") as f:  # written last: a folder without it is not complete
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic_json(tmp / MANIFEST, manifest)  # written last: a folder without it is not complete
         _check_out(out_path, force)  # again: something may have appeared there meanwhile
         replace_dir(tmp, out_path, out_path.parent / f".{out_path.name}.old-{os.getpid()}")
         return manifest

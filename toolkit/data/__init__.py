@@ -3,11 +3,7 @@
     splits = DATASETS.build("digits", root=None, split_seed=0, limit=None)
 """
 
-from toolkit.data.base import Splits, TensorImageDataset, collate_batch
-from toolkit.registry import Registry
-
-DATASETS = Registry("dataset")
-
-from toolkit.data import cifar, digits, imagefolder, prepared, synthetic  # noqa: E402,F401  (register entries)
+from toolkit.data import cifar, digits, imagefolder, prepared, synthetic  # noqa: F401  (register entries)
+from toolkit.data.base import DATASETS, Splits, TensorImageDataset, collate_batch
 
 __all__ = ["DATASETS", "Splits", "TensorImageDataset", "collate_batch"]

@@ -1,4 +1,9 @@
-"""In-memory image datasets that hand out whole batches at once."""
+"""What every dataset entry shares: the `DATASETS` registry its builder registers in, the
+`Splits` it returns, and the in-memory image datasets that hand out whole batches at once.
+
+The registry lives here, not in toolkit/data/__init__.py, so that an entry module imports only
+this one and `toolkit.data` (which imports every entry to register it) is not imported back.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
+
+from toolkit.registry import Registry
+
+DATASETS = Registry("dataset")  # builders: (root, split_seed, limit, download, **data keys) -> Splits
 
 
 class Normalize:

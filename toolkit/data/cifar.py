@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from toolkit.data import DATASETS
-from toolkit.data.base import Splits, TensorImageDataset
+from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 from toolkit.errors import ConfigError
 
 LAYOUT = {

@@ -16,7 +16,7 @@ not decode (empty, truncated, random bytes, not an image, over Pillow's decompre
 limit) comes back with `x=None` and a one-line reason, which the extractor lists in
 `bad_images.txt`. Odd but valid modes (CMYK, greyscale, palette, alpha) become RGB.
 
-Layout: images anywhere under `root` with the extensions of `toolkit.data.imagefolder`. An
+Layout: images anywhere under `root` with the extensions of `toolkit.data.images`. An
 image inside `root/<class>/...` gets that class (classes: the sorted top-level folders that
 hold images); an image directly in `root` has label -1 (unknown). Order: sorted by path parts,
 so every rank and every rerun sees the same index for the same file.
@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from toolkit.data.base import Normalize, TensorImageDataset
-from toolkit.data.imagefolder import EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from toolkit.data.images import EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from toolkit.errors import ConfigError
 
 

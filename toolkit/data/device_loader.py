@@ -27,12 +27,11 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import torch
-from accelerate.data_loader import DataLoaderStateMixin
 from torch.utils.data import Sampler
 
+from toolkit.accelerate_compat import DataLoaderStateMixin, register_loader
 from toolkit.data.base import TensorImageDataset
 
-LOADERS = ("auto", "device", "dataloader")
 # `auto` puts a dataset on a GPU only if it takes at most this share of the free memory: the
 # model, activations and the allocator's cache need the rest.
 GPU_SHARE = 0.4
@@ -109,7 +108,7 @@ class DeviceLoader(DataLoaderStateMixin):
         # per batch than slicing and advanced indexing (2-core VM), which shows on small models.
         mine_rows = order[:full * self.batch_size].view(full, self.world, per_rank)[:, self.rank]
         self.reset()
-        self.gradient_state._add_dataloader(self)
+        register_loader(self.gradient_state, self)
         try:
             for i in range(start, num):
                 if i < full:

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from toolkit.data import DATASETS
-from toolkit.data.base import Splits, TensorImageDataset
+from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 
 IMAGE_SIZE = 32
 

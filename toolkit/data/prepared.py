@@ -26,8 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from toolkit.data import DATASETS
-from toolkit.data.base import Splits, TensorImageDataset
+from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 from toolkit.errors import ConfigError
 
 FORMAT = "toolkit.prepared"  # toolkit.prepare writes these; kept here so loading imports no CLI

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.data import DATASETS
-from toolkit.data.base import Splits, TensorImageDataset
+from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 
 SIZES = {"train": 5000, "val": 1000, "test": 1000}
 NUM_CLASSES = 10

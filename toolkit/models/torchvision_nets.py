@@ -19,18 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models import MODELS
-from toolkit.models.weights import load_into, read_spec
-
-# arch -> dotted path of its final nn.Linear inside the torchvision model
-HEADS: dict[str, str] = {
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "resnet50": "fc",
-    "vgg16": "classifier.6",
-    "vgg16_bn": "classifier.6",
-    "mobilenet_v3_small": "classifier.3",
-}
+from toolkit.models.base import MODELS
+from toolkit.models.weights import HEADS, load_into, read_spec
 
 
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:

@@ -41,6 +41,19 @@ _ENUM_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*\.)?[A-Z][A-Z0-9_]*$")
 _STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
+# The torchvision backbones with a model entry (toolkit.models.torchvision_nets registers one per
+# key): arch -> dotted path of its final nn.Linear inside the torchvision model. Here because
+# both sides need it: the entries to swap the head, `check_pretrained` to know which names take
+# torchvision weights enums.
+HEADS: dict[str, str] = {
+    "resnet18": "fc",
+    "resnet34": "fc",
+    "resnet50": "fc",
+    "vgg16": "classifier.6",
+    "vgg16_bn": "classifier.6",
+    "mobilenet_v3_small": "classifier.3",
+}
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -169,10 +182,6 @@ def check_pretrained(model_name: str, spec: str | None) -> None:
     Raises the same one-line ConfigErrors as `MODELS.build(model_name, ..., pretrained=spec)`."""
     if spec is None:
         return
-    from toolkit.models.torchvision_nets import (
-        HEADS,  # lazy: that module imports this one
-    )
-
     arch = model_name if model_name in HEADS else None
     if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
         raise ConfigError(f"{KEY}: expected a weights name or a state-dict path, got {spec!r}")
