@@ -33,8 +33,7 @@ from torch.utils.data import DataLoader
 from toolkit.data import TensorImageDataset, collate_batch
 from toolkit.data.device_loader import DeviceLoader
 from toolkit.data.samplers import EpochSampler
-from toolkit.engine import TrainState, train_epoch
-from toolkit.faults import Faults
+from toolkit.engine import TrainState, TrainStep, train_epoch
 from toolkit.models import MODELS
 from toolkit.tracking import Tracker
 
@@ -89,9 +88,8 @@ def engine(name: str, data: TensorImageDataset, batch: int, accelerator: Acceler
     state = TrainState()
     tracker = Tracker(accelerator, run_dir, progress="none")
     t0 = time.perf_counter()
-    train_epoch(model, torch.nn.CrossEntropyLoss(), opt, sched, loader, accelerator, state, tracker,
-                clip_grad_norm=None, max_nonfinite=10, log_every=20, channels_last=False,
-                faults=Faults(), on_step=lambda *_: None)
+    train_epoch(TrainStep(model, torch.nn.CrossEntropyLoss(), opt, sched), loader, accelerator, state, tracker,
+                log_every=20)
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     return state.images / (time.perf_counter() - t0)

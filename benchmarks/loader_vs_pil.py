@@ -38,8 +38,7 @@ from toolkit.data import TensorImageDataset
 from toolkit.data.augment import AUGMENTS
 from toolkit.data.device_loader import DeviceLoader
 from toolkit.data.samplers import EpochSampler
-from toolkit.engine import TrainState, train_epoch
-from toolkit.faults import Faults
+from toolkit.engine import BatchPrep, TrainState, TrainStep, train_epoch
 from toolkit.models import MODELS
 from toolkit.tracking import Tracker
 
@@ -93,9 +92,8 @@ def train_rate(name: str, kind: str, images, labels, batch: int, workers: int, a
     state = TrainState()
     tracker = Tracker(accelerator, run_dir, progress="none")
     t0 = time.perf_counter()  # worker start-up counts: it is paid every epoch without persistent workers
-    train_epoch(model, torch.nn.CrossEntropyLoss(), opt, sched, loader, accelerator, state, tracker,
-                clip_grad_norm=None, max_nonfinite=10, log_every=20, channels_last=False,
-                faults=Faults(), augment=augment, on_step=lambda *_: None)
+    step = TrainStep(model, torch.nn.CrossEntropyLoss(), opt, sched, BatchPrep(augment=augment))
+    train_epoch(step, loader, accelerator, state, tracker, log_every=20)
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     return state.images / (time.perf_counter() - t0)

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from toolkit.data.base import TensorImageDataset
 from toolkit.data.device_loader import DeviceLoader
 from toolkit.data.samplers import EpochSampler
-from toolkit.engine import TrainState, train_epoch
+from toolkit.engine import TrainState, TrainStep, make_policy, train_epoch
 from toolkit.errors import NonFiniteLossError
 from toolkit.faults import Faults
 from toolkit.tracking import Tracker
@@ -43,9 +43,9 @@ def run_epoch(accelerator, tmp_path: Path, nonfinite: str, faults: Faults = Faul
     loader = DeviceLoader(data, EpochSampler(len(data), 0), BATCH, True, accelerator.device, 0, 1,
                           accelerator.gradient_state)
     state = TrainState()
-    train_epoch(model, torch.nn.CrossEntropyLoss(), opt, sched, loader, accelerator, state,
-                Tracker(accelerator, tmp_path, progress="none"), clip_grad_norm=None, max_nonfinite=3,
-                log_every=LOG_EVERY, channels_last=False, faults=faults, nonfinite=nonfinite, on_step=on_step)
+    step = TrainStep(model, torch.nn.CrossEntropyLoss(), opt, sched, nonfinite=make_policy(nonfinite, max_in_row=3))
+    train_epoch(step, loader, accelerator, state, Tracker(accelerator, tmp_path, progress="none"),
+                log_every=LOG_EVERY, faults=faults, on_step=on_step)
     return state
 
 

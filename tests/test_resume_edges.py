@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
+from helpers import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
 from toolkit import checkpoint
 from toolkit.config import load_config
 from toolkit.data import DATASETS
@@ -17,6 +17,7 @@ from toolkit.errors import ConfigError
 TWO = ["--config", DEMO, "train.epochs=2", "sched.milestones=[]", "log.tensorboard=false"]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_refuses_a_used_run_directory(tmp_path):
     run = tmp_path / "run"
     ok(train([*TWO, f"run.dir={run}"]))
@@ -29,6 +30,7 @@ def test_a_fresh_run_refuses_a_used_run_directory(tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}  # nothing touched
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_changes_nothing_and_logs_the_test_once(tmp_path):
     run = tmp_path / "run"
     ok(train([*TWO, f"run.dir={run}"]))
@@ -38,6 +40,7 @@ def test_resuming_a_finished_run_changes_nothing_and_logs_the_test_once(tmp_path
     assert all(torch.equal(first[k], v) for k, v in weights(run / "model.safetensors").items())
 
 
+@pytest.mark.slow
 def test_rewinding_to_an_older_checkpoint_moves_newer_ones_aside(tmp_path):
     run = tmp_path / "run"
     ok(train([*TWO, f"run.dir={run}"]))
@@ -49,6 +52,7 @@ def test_rewinding_to_an_older_checkpoint_moves_newer_ones_aside(tmp_path):
     assert_same_weights(tmp_path / "first.safetensors", run / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_on_more_processes_than_saved_with(tmp_path):
     """Saved by 1 process, resumed by 2: the new rank takes rank 0's RNG state, so the run
     still matches the uninterrupted one (to float rounding, as 1 vs 2 processes do)."""
@@ -80,6 +84,7 @@ def test_seed_and_timeout_bounds(override, key):
         load_config(DEMO, [override])
 
 
+@pytest.mark.slow
 def test_fewer_model_classes_than_the_dataset_is_refused(tmp_path):
     proc = train(["--config", DEMO, "model.num_classes=2", f"run.dir={tmp_path / 'run'}"], timeout=120)
     assert proc.returncode == 2
@@ -87,9 +92,10 @@ def test_fewer_model_classes_than_the_dataset_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_use_is_refused_with_the_holders_pid(tmp_path):
     """Two processes training into one run directory would overwrite each other's checkpoints."""
-    from toolkit.engine import run_lock
+    from toolkit.rundir import run_lock
 
     run = tmp_path / "run"
     run.mkdir()

@@ -6,15 +6,18 @@ so the training loop never branches on rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+from toolkit.rundir import REPORT, RunDir, run_lock, write_atomic, write_atomic_json, write_atomic_text
 
 
 def _clean(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -27,6 +30,7 @@ class Tracker:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.run_dir = run_dir
+        self.run = RunDir(run_dir)
         self.console = Console(stderr=False, highlight=False)
         if progress == "auto":
             progress = "rich" if self.console.is_terminal else "plain"
@@ -75,7 +79,7 @@ class Tracker:
         if not self.enabled:
             return
         row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_clean(metrics)}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run.metrics, "a") as f:  # appended: a torn last line is skipped by readers
             f.write(json.dumps(row) + "\n")
         scalars = {f"{kind}/{k}": v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -84,7 +88,7 @@ class Tracker:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run.metrics
         if not self.enabled or not path.exists():
             return
         rows = []
@@ -96,13 +100,37 @@ class Tracker:
             # The test row of a finished run is logged again when that run is resumed.
             if row.get("step", 0) <= step and row.get("kind") != "test":
                 rows.append(line)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(path)
+        write_atomic_text(path, "".join(r + "\n" for r in rows))
 
     def write_json(self, name: str, data: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        tmp = self.run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(self.run_dir / name)
+        write_atomic_json(self.run_dir / name, data)
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            write_atomic_text(self.run_dir / name, text)
+
+    def save_tensors(self, name: str, tensors: Dict[str, Any]) -> None:
+        """A safetensors file in the run directory, written atomically."""
+        if self.enabled:
+            from safetensors.torch import save_file
+
+            write_atomic(self.run_dir / name, lambda tmp: save_file(tensors, str(tmp)))
+
+    def lock(self, wait_s: float = 0.0) -> contextlib.AbstractContextManager:
+        """RUN/.lock, held by the process that writes (rank 0) for as long as the context lasts."""
+        return run_lock(self.run_dir, wait_s) if self.enabled else contextlib.nullcontext()
+
+    def write_plots(self, tsne: bool, classes: Optional[List[str]]) -> None:
+        """The run's plots and report.html. A plot that fails costs a warning, never the finished run."""
+        if not self.enabled:
+            return
+        from toolkit import report
+
+        try:
+            images = report.run_report(self.run_dir, tsne=tsne, classes=classes)
+            self.print(f"plots: {', '.join(p.name for p in images)} and {REPORT}")
+        except Exception as e:  # noqa: BLE001 (the weights and metrics are already safe on disk)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.print(f"warning: plots not written: {msg} (python -m toolkit.report {self.run_dir} retries)")

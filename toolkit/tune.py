@@ -35,8 +35,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from toolkit.config import Config, hparams, load_config, to_yaml, with_flat
+from toolkit.config import Config, hparams, load_config, parse_yaml, to_yaml, with_flat
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.rundir import RunDir, run_lock, write_atomic_json, write_atomic_text
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "configs" / "spaces"
 SCHEDULERS = ("asha", "fifo", "pbt")
@@ -92,7 +93,7 @@ def load_space(name: str) -> Space:
         raise ConfigError(f"--space: unknown space {name!r}; choose one of: {', '.join(list_spaces())} "
                           f"(or a YAML path)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}  # as configs are read: `off`/`no` stay words
     except yaml.YAMLError:
         raise ConfigError(f"--space: {path} is not valid YAML") from None
     if not isinstance(data, dict) or set(data) - {"grid", "random"} or not data:
@@ -227,21 +228,20 @@ def run_trial(flat: Dict[str, Any], sweep_json: str) -> None:
     # Without a Tune checkpoint the trial continues from its own run directory (a retry or a
     # resumed sweep), so a checkpoint is never copied unless PBT needs one.
     resume = donor.path if donor is not None else "auto"
-    from toolkit.engine import run_lock
-
     import ray
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    files = RunDir(run_dir)
     with run_lock(run_dir, LOCK_WAIT_S):  # a process left by a killed driver has gone
-        finished = _read_json(run_dir / "summary.json")
+        finished = _read_json(files.summary)
         if not finished:
-            _write_text(run_dir / "trial.json", json.dumps({  # where it runs (the last attempt)
+            write_atomic_json(files.trial, {  # where it runs (the last attempt)
                 "trial_id": run_dir.name, "node_id": ray.get_runtime_context().get_node_id(),
-                "hostname": socket.gethostname(), "pid": os.getpid()}) + "\n")
+                "hostname": socket.gethostname(), "pid": os.getpid()}, indent=None)
     if finished and donor is None:  # done before the driver died, after Tune last saved its state
         tune.report(_final_row(_epoch_rows(run_dir)[-1:], finished))
         return
-    resumed = donor is not None or (run_dir / "checkpoints").is_dir()
+    resumed = donor is not None or files.checkpoints.is_dir()
     _fault_once(resumed)
     cfg = trial_config(sweep, flat, run_dir, resume)
     if sweep.workers_per_trial > 1:
@@ -497,7 +497,7 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
     cfg = sweep.base_config()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        _write_text(sweep_dir / "sweep.json", json.dumps(asdict(sweep), indent=1) + "\n")
+        write_atomic_json(sweep_dir / "sweep.json", asdict(sweep))
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     env.update({k: v for k, v in os.environ.items() if k.startswith("TOOLKIT_FAULT_")})
@@ -542,12 +542,6 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
 # the end of a sweep: table, results.csv, best.yaml, compare.png
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> Dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -558,7 +552,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def _epoch_rows(run_dir: Path) -> List[Dict[str, Any]]:
     rows = []
     try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        for line in RunDir(run_dir).metrics.read_text().splitlines():
             rec = json.loads(line)
             if rec.get("kind") == "epoch":
                 rows.append(rec)
@@ -574,7 +568,7 @@ def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
     for result in grid:
         trial_id = Path(result.path).name
         run_dir = Path(sweep.dir) / "runs" / trial_id
-        summary = _read_json(run_dir / "summary.json")
+        summary = _read_json(RunDir(run_dir).summary)
         epochs = _epoch_rows(run_dir)
         values = [r[sweep.metric] for r in epochs if sweep.metric in r]
         best = (max if sweep.mode == "max" else min)(values) if values else None
@@ -583,7 +577,7 @@ def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
                **{k: expand(result.config or {}).get(k) for k in keys},
                "epochs": len(epochs), sweep.metric: values[-1] if values else None, f"best_{sweep.metric}": best,
                "test_acc": summary.get("test_acc"), "train_time_s": summary.get("train_time_s"),
-               "wall_s": summary.get("wall_s"), "node": _read_json(run_dir / "trial.json").get("node_id", "")[:12],
+               "wall_s": summary.get("wall_s"), "node": _read_json(RunDir(run_dir).trial).get("node_id", "")[:12],
                "run_dir": str(run_dir),
                "error": str(result.error).strip().splitlines()[-1][:200] if result.error else ""}
         row["_flat"] = expand(result.config or {})  # what the trial set (not a csv column)
@@ -605,7 +599,7 @@ def summarize(sweep: Sweep, grid, wall_s: float) -> int:
     writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "_flat"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(sweep_dir / "results.csv", buf.getvalue())
+    write_atomic_text(sweep_dir / "results.csv", buf.getvalue())
     keys = load_space(sweep.space).keys
     table = Table(title=f"sweep {sweep.name}: {len(rows)} trials, {sweep.metric} ({sweep.mode}), {wall_s:.0f} s")
     for col in ["trial", "status", *keys, "epochs", sweep.metric, "test_acc"]:
@@ -623,10 +617,10 @@ def summarize(sweep: Sweep, grid, wall_s: float) -> int:
         text = (f"# Best trial {best['trial']} of sweep {sweep.name}: {sweep.metric} {best[sweep.metric]:.4g}, "
                 f"test_acc {best['test_acc']}\n# accelerate launch toolkit/train.py --config "
                 f"{sweep_dir / 'best.yaml'}\n" + to_yaml(cfg))
-        _write_text(sweep_dir / "best.yaml", text)
+        write_atomic_text(sweep_dir / "best.yaml", text)
         console.print(f"best: {best['trial']} ({', '.join(f'{k}={v}' for k, v in flat.items())}) -> "
                       f"{sweep_dir / 'best.yaml'}")
-    runs = [Path(r["run_dir"]) for r in rows if (Path(r["run_dir"]) / "metrics.jsonl").is_file()]
+    runs = [Path(r["run_dir"]) for r in rows if RunDir(Path(r["run_dir"])).metrics.is_file()]
     if runs:
         try:
             report.compare(runs, sweep_dir)

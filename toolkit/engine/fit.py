@@ -1,0 +1,372 @@
+"""fit: set-up -> resume -> for each epoch (train, validate, log, save, next stage) -> test and results.
+
+    accelerate launch toolkit/train.py --config configs/digits_lenet.yaml
+    summary = fit(load_config("configs/digits_lenet.yaml"))
+
+`data.batch_size` is the global batch, split across processes, so one process and N processes
+take the same steps. Only rank 0 writes run-directory files; the Tracker does that gating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
+                              broadcast_object_list, set_seed)
+from torch import nn
+from torch.utils.data import DataLoader
+
+from toolkit import checkpoint, rundir
+from toolkit.accelerate_compat import set_logging_dir
+from toolkit.config import Config, DataConfig, Stage, check_paths, hparams, resolve_stages, stage_at, to_yaml
+from toolkit.data import DATASETS
+from toolkit.data.base import collate_for
+from toolkit.data.noise import flip_labels
+from toolkit.ema import ModelEma
+from toolkit.engine.evaluate import evaluate, plot_sample
+from toolkit.engine.loop import train_epoch
+from toolkit.engine.resume import EMA_FILE, apply_optim_hparams, find_resume, load_ema, load_resume
+from toolkit.engine.stage import StageRun, choose_loader
+from toolkit.engine.state import TrainState
+from toolkit.errors import ConfigError
+from toolkit.faults import Faults
+from toolkit.models import MODELS
+from toolkit.preempt import Preemption
+from toolkit.tracking import Tracker
+
+OnEpochEnd = Callable[[Dict[str, Any]], None]
+
+
+def fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd] = None, optim_from_config: bool = False,
+        lock_wait_s: float = 0.0) -> Dict[str, Any]:
+    """Train, validate every epoch, test at the end. Returns (and writes) the summary.
+
+    `on_epoch_end(row)` gets each epoch's metrics once its checkpoint is saved (row["checkpoint"]).
+    With `optim_from_config`, a resumed run takes lr, momentum and weight decay from `cfg`
+    rather than from the checkpoint (population-based training continues another trial's
+    state with its own perturbed hyperparameters). `lock_wait_s`: how long to wait for
+    another process to leave the run directory before giving up."""
+    with contextlib.ExitStack() as stack:
+        return _fit(cfg, on_epoch_end, optim_from_config, lock_wait_s, stack)
+
+
+def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: bool, lock_wait_s: float,
+         stack: contextlib.ExitStack) -> Dict[str, Any]:
+    t_start = time.perf_counter()
+    check_paths(cfg)
+    accelerator = make_accelerator(cfg)
+    t = cfg.train
+    seed_everything(cfg.run.seed, t.deterministic)
+    splits, num_classes, noise_record = load_data(cfg.data, cfg.model.num_classes, accelerator)
+    loader_kind = choose_loader(cfg.data.loader, splits.train, accelerator)
+    stages = resolve_stages(cfg)
+    check_distributed_support(accelerator, stages, t.ema_decay)
+    # The run directory appears only once the data has loaded: a bad dataset leaves nothing behind.
+    run = rundir.RunDir(resolve_run_dir(cfg, accelerator))
+    tracker = Tracker(accelerator, run.path, cfg.log.progress)
+    stack.enter_context(tracker.lock(lock_wait_s))
+    raw_model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    if t.channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    config_yaml = to_yaml(cfg)
+    tracker.write_text(rundir.CONFIG, config_yaml)
+    if noise_record is not None:
+        tracker.write_json(rundir.LABEL_NOISE, noise_record)
+
+    resume_path = find_resume(accelerator, t.resume, run.checkpoints, tracker)
+    state = TrainState(**checkpoint.read_state(resume_path)) if resume_path else TrainState()
+    stage = stage_at(stages, state.epoch)  # a checkpoint holds the optimizer of its next epoch's stage
+    # The average is copied from the model on its device (Accelerate moves the model there).
+    ema = ModelEma(raw_model.to(accelerator.device), t.ema_decay) if t.ema_decay > 0 else None
+    stage_run = StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes, loader_kind, ema)
+    if resume_path is not None:
+        state = resume_into(accelerator, stage_run, ema, raw_model, resume_path, run.checkpoints, tracker,
+                            stage.cfg.optim if optim_from_config else None)
+    tracker.truncate_after(state.step)
+    if cfg.log.tensorboard:
+        set_logging_dir(accelerator, run.path)
+        accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                for k, v in hparams(cfg).items()})
+    tracker.print(_banner(cfg, run.path, raw_model, stage_run, splits, accelerator, len(stages)))
+
+    preempt = Preemption(accelerator, run.path, t.preempt_check_steps)
+    stack.callback(preempt.close)
+    saver = Checkpointer(accelerator, run.checkpoints, config_yaml, t.keep_last, t.checkpoint_every_steps, ema,
+                         preempt)
+    faults = Faults.from_env()
+    for epoch in range(state.epoch, t.epochs):
+        state.epoch = epoch
+        if len(stages) > 1 and epoch == stage.start and state.batch == 0:
+            tracker.print(_stage_line(stage, len(stages), stage_run.num_trainable))
+        row = run_epoch(cfg, stage_run, accelerator, state, tracker, faults, saver, num_classes)
+        if len(stages) > 1:
+            row["stage"] = stage.name
+        tracker.log("epoch", state.step, row)
+        tracker.print(_epoch_line(row, t.epochs))
+        state.epoch, state.batch, state.epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        if state.epoch < t.epochs and state.epoch >= stage.end:  # the next epoch opens a new stage:
+            stage = stage_at(stages, state.epoch)  # switch first, so its checkpoint holds the new stage
+            stage_run.close()
+            stage_run = StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes, loader_kind, ema)
+        saved = saver.save(state)
+        if on_epoch_end is not None:  # the row, and the checkpoint that holds this epoch's end
+            on_epoch_end({**row, "checkpoint": str(saved)})
+        if state.epoch < t.epochs:
+            saver.stop_if_requested(state, saved)
+    tracker.close()
+    summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, {
+        "wall_s": time.perf_counter() - t_start, "resumed_from": str(resume_path) if resume_path else None,
+        "num_params": sum(p.numel() for p in raw_model.parameters())})
+    accelerator.end_training()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# set-up
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("config: train.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
+    return Accelerator(
+        # Without CUDA, Accelerate forms a gloo group (MULTI_CPU) only when told it is on the CPU;
+        # otherwise torchrun's processes each see world size 1.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=str(t.precision),
+        gradient_accumulation_steps=t.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with="tensorboard" if cfg.log.tensorboard else None,
+        # The run directory is chosen after start-up (rank 0 picks, all ranks agree); it is set
+        # before init_trackers, which is when TensorBoard reads it (accelerate_compat.set_logging_dir).
+        project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+        dynamo_backend="inductor" if t.compile else "no",
+        rng_types=[],  # our sampler is seeded per epoch; nothing to synchronise
+    )
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_seed(seed, deterministic=deterministic)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Not deterministic: let cuDNN time its algorithms for each new input shape and keep the
+    # fastest (the shapes repeat every step here); a no-op without CUDA.
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def load_data(d: DataConfig, model_classes: Optional[int], accelerator: Accelerator):
+    """(splits, number of classes the model predicts, the label-noise record or None)."""
+    with accelerator.main_process_first():  # one rank downloads/extracts; the others then read
+        splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
+                                download=d.download, image_size=d.image_size,
+                                train_splits=list(d.train_splits))
+    num_classes = model_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise ConfigError(f"config: model.num_classes: {num_classes} is fewer than the dataset's "
+                          f"{splits.num_classes} classes")
+    if d.label_noise <= 0:
+        return splits, num_classes, None
+    labels = getattr(splits.train, "labels", None)
+    if not isinstance(labels, torch.Tensor):
+        raise ConfigError(f"config: data.label_noise: dataset {d.name!r} does not expose its labels")
+    noisy, changed = flip_labels(labels, d.label_noise, splits.num_classes, d.split_seed)
+    record = {"rate": d.label_noise, "seed": d.split_seed, "num_changed": len(changed),
+              "num_train": len(labels), "index": changed.tolist(),
+              "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
+    splits.train.labels = noisy
+    return splits, num_classes, record
+
+
+def check_distributed_support(accelerator: Accelerator, stages: List[Stage], ema_decay: float) -> None:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if len(stages) > 1:
+        raise ConfigError("config: train.stages: several stages need a new optimizer and model wrapper per "
+                          "stage, which DeepSpeed's engine does not allow; run the stages as separate runs")
+    if ema_decay > 0:
+        raise ConfigError("config: train.ema_decay: the weight average needs whole parameters on every rank, "
+                          "which DeepSpeed's ZeRO shards; use DDP for EMA runs")
+
+
+def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """run.dir, or runs/<name>/<timestamp> chosen on rank 0 and shared with every rank; created.
+
+    A fresh run (train.resume=none) refuses a directory that already holds a run's checkpoints
+    or metrics: it would mix two runs' files, and pruning would delete one run's checkpoints."""
+    chosen = [cfg.run.dir or str(Path("runs") / cfg.run.name / datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    run = rundir.RunDir(Path(chosen[0]).absolute())
+    if cfg.train.resume == "none" and (run.metrics.exists() or checkpoint.list_checkpoints(run.checkpoints)):
+        raise ConfigError(f"config: run.dir: {run.path} already holds a run; continue it with "
+                          "train.resume=auto or choose another run.dir")
+    if accelerator.is_main_process:  # around the barrier: the other ranks wait until it exists
+        rundir.ensure_writable(run.path)
+    accelerator.wait_for_everyone()
+    return run.path
+
+
+def resume_into(accelerator: Accelerator, stage_run: StageRun, ema: Optional[ModelEma], raw_model: nn.Module,
+                path: Path, ckpt_root: Path, tracker: Tracker, optim=None) -> TrainState:
+    """Load checkpoint `path` into the prepared objects. `optim` (an OptimConfig): put its lr,
+    momentum and weight decay on the loaded optimizer (population-based training)."""
+    state = load_resume(accelerator, path, ckpt_root, tracker)
+    if ema is not None:
+        load_ema(ema, raw_model, path, tracker)
+    if optim is not None:
+        saved_lr = float(yaml.safe_load((path / rundir.CONFIG).read_text())["optim"]["lr"])
+        apply_optim_hparams(stage_run.step.optimizer, stage_run.step.scheduler, optim, saved_lr)
+    return state
+
+
+# ------------------------------------------------------------------------------------------
+# epochs
+
+
+class Checkpointer:
+    """Saves a checkpoint after every epoch, every `every` steps within one, and when a stop is
+    requested (SIGTERM, SIGUSR1, RUN/.preempt); then stops the run with the resume hint."""
+
+    def __init__(self, accelerator: Accelerator, root: Path, config_yaml: str, keep_last: int, every: int,
+                 ema: Optional[ModelEma], preempt: Preemption):
+        self.accelerator, self.root, self.config_yaml = accelerator, root, config_yaml
+        self.keep_last, self.every, self.ema, self.preempt = keep_last, every, ema, preempt
+
+    def save(self, state: TrainState) -> Path:
+        extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else None
+        return checkpoint.save(self.accelerator, self.root, state.step, dataclasses.asdict(state),
+                               self.config_yaml, self.keep_last, extra=extra)
+
+    def on_step(self, state: TrainState, read_sums: Callable[[], torch.Tensor], batches: int) -> None:
+        """After an optimizer step; `batches` in the epoch (the last batch's checkpoint is the epoch's)."""
+        mid_epoch = state.batch < batches
+        stop = self.preempt.requested(state.step) if mid_epoch else 0.0
+        if stop or (self.every and state.step % self.every == 0 and mid_epoch):
+            both = self.accelerator.reduce(read_sums(), reduction="sum").tolist()
+            state.epoch_sums, state.log_sums = both[:3], both[3:]
+            saved = self.save(state)
+            if stop:
+                self.preempt.stop(stop, state, saved)
+
+    def stop_if_requested(self, state: TrainState, saved: Path) -> None:
+        stop = self.preempt.requested()
+        if stop:
+            self.preempt.stop(stop, state, saved)
+
+
+def run_epoch(cfg: Config, stage_run: StageRun, accelerator: Accelerator, state: TrainState, tracker: Tracker,
+              faults: Faults, saver: Checkpointer, num_classes: int) -> Dict[str, Any]:
+    """Train epoch `state.epoch` (from batch `state.batch`), validate, and return its metrics row."""
+    t, epoch = cfg.train, state.epoch
+    loader = stage_run.epoch_loader(epoch, state.batch)
+    tracker.start_epoch(epoch, t.epochs, stage_run.steps_per_epoch * t.grad_accum_steps, state.batch)
+    loss_n, correct, n = train_epoch(stage_run.step, loader, accelerator, state, tracker,
+                                     log_every=cfg.log.every_n_steps, faults=faults,
+                                     on_step=functools.partial(saver.on_step, batches=len(stage_run.train_dl)))
+    tracker.end_epoch()
+    val = _evaluate(stage_run, stage_run.val_dl, "val", accelerator, num_classes, t)
+    if val["acc"] > state.best_val_acc:
+        state.best_val_acc, state.best_epoch = val["acc"], epoch + 1
+    row = {"epoch": epoch + 1, "train_loss": loss_n / max(n, 1), "train_acc": correct / max(n, 1),
+           "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+           "lr": stage_run.step.scheduler.get_last_lr()[0],
+           "images_per_s": state.images / max(state.train_time_s, 1e-9)}
+    if cfg.log.test_every_epoch:
+        test = _evaluate(stage_run, stage_run.test_dl, "test", accelerator, num_classes, t)
+        row.update(test_loss=test["loss"], test_acc=test["acc"])
+    return row
+
+
+def _evaluate(stage_run: StageRun, loader, split: str, accelerator: Accelerator, num_classes: int, t,
+              keep: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    return evaluate(stage_run.eval_model, stage_run.eval_criterion, loader, accelerator, num_classes,
+                    t.channels_last, stage_run.eval_tap, keep=keep, tta=t.tta, normalize=stage_run.norm[split])
+
+
+# ------------------------------------------------------------------------------------------
+# the end: test, weights, summary, confusion matrices, plots
+
+
+def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, tracker: Tracker,
+           run: rundir.RunDir, state: TrainState, num_classes: int, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """Test, save RUN/model.safetensors, the summary (with `extra`) and the result files; returns
+    the summary."""
+    t, d, log = cfg.train, cfg.data, cfg.log
+    sample = functools.partial(plot_sample, most=log.embed_max, seed=cfg.run.seed)
+    test = _evaluate(stage_run, stage_run.test_dl, "test", accelerator, num_classes, t,
+                     keep=sample(len(splits.test)) if log.plots else None)
+    train_eval = None
+    if log.plots:  # the training split once more, unaugmented: its confusion matrix and features
+        train_eval_dl = accelerator.prepare(DataLoader(splits.train, batch_size=d.eval_batch_size, shuffle=False,
+                                                       collate_fn=collate_for(splits.train), num_workers=d.num_workers))
+        train_eval = _evaluate(stage_run, train_eval_dl, "train", accelerator, num_classes, t,
+                               keep=sample(len(splits.train)))
+    accelerator.wait_for_everyone()
+    # RUN/model.safetensors: the weights the test accuracy belongs to (the average, with EMA)
+    accelerator.save_model(stage_run.eval_model, str(run.path), safe_serialization=True)
+    summary = {
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch, "epochs": t.epochs, "steps": state.step,
+        "images_per_s": state.images / max(state.train_time_s, 1e-9), "train_time_s": state.train_time_s,
+        "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+        "precision": str(t.precision), "loader": stage_run.loader, "decode": stage_run.decode,
+        "ema_decay": t.ema_decay, "tta": str(t.tta), "num_trainable_params": stage_run.num_trainable,
+        "nonfinite_steps": state.nonfinite_total,
+        **extra, "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
+    }
+    tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"]})
+    tracker.write_json(rundir.SUMMARY, summary)  # before the plots, which read it
+    tracker.write_text(run.confusion("test").name, confusion_csv(splits.class_names, test["confusion"]))
+    tracker.write_json(rundir.DATA, splits.meta)
+    if train_eval is not None:
+        tracker.write_text(run.confusion("train").name, confusion_csv(splits.class_names, train_eval["confusion"]))
+        if "features" in test and len(test["features"]):
+            tracker.save_tensors(rundir.EMBEDDINGS, {
+                "train/features": train_eval["features"].contiguous(), "train/labels": train_eval["labels"],
+                "test/features": test["features"].contiguous(), "test/labels": test["labels"]})
+        tracker.write_plots(tsne=log.tsne, classes=list(log.embed_classes) or None)
+    return summary
+
+
+def confusion_csv(names: List[str], matrix: List[List[int]]) -> str:
+    rows = [",".join(["true/pred", *names])]
+    rows += [",".join([name, *map(str, r)]) for name, r in zip(names, matrix)]
+    return "\n".join(rows) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# what the console says
+
+
+def _banner(cfg: Config, run_dir: Path, raw_model: nn.Module, stage_run: StageRun, splits,
+            accelerator: Accelerator, num_stages: int) -> str:
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    return (f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {stage_run.num_trainable:,} trained) "
+            f"on {cfg.data.name} ({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
+            f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+            f"device {accelerator.device}, precision {cfg.train.precision}, loader {stage_run.loader}"
+            + (f", {num_stages} stages" if num_stages > 1 else ""))
+
+
+def _stage_line(stage: Stage, num_stages: int, num_trainable: int) -> str:
+    return (f"stage {stage.index + 1}/{num_stages} {stage.name!r}: epochs {stage.start + 1}-{stage.end}, "
+            f"loss {stage.cfg.loss.name}, freeze {stage.cfg.model.freeze}, {num_trainable:,} parameters trained")
+
+
+def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  {row['images_per_s']:,.0f} img/s")
