@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --config_file launch/cpu.yaml toolkit/train.py --config configs/digits_lenet.yaml
 
+# The whole suite, as CI runs it: 3 workers (the end-to-end tests wait on start-up, SLURM and Ray as
+# much as they compute, so a third worker on 2 cores fills the waits); SLURM and Ray tests share one worker.
+# TEST_WORKERS=0 runs it in this process, one test at a time.
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+# The unit tests only: no CLI launches (tests marked slow are left out); under 2 minutes on 2 CPU cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_plain.py

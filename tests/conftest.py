@@ -1,84 +1,27 @@
-"""Shared helpers: run the real CLIs in subprocesses and read what they wrote."""
+"""Fixtures only. Builders and CLI runners live in tests/helpers (`from helpers import ...`):
+pytest puts tests/ on sys.path when it loads this file (rootdir conftest, "prepend" import
+mode), and pyproject.toml's `pythonpath = ["tests"]` says so explicitly."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "digits_lenet.yaml")
+from helpers.cli import DEMO, launch, ok
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(extra: Optional[Dict[str, str]]) -> Dict[str, str]:
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith("TOOLKIT_FAULT"):
-            del env[k]
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def train(args: List[str], env: Optional[Dict[str, str]] = None, timeout: int = 300,
-          cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python -m toolkit.train ARGS` (one process)."""
-    return subprocess.run([sys.executable, "-m", "toolkit.train", *args], cwd=cwd, env=_env(env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def launch(args: List[str], config_file: str = "launch/cpu_ddp.yaml", env: Optional[Dict[str, str]] = None,
-           timeout: int = 300, script: str = "toolkit/train.py",
-           launch_args: List[str] = ()) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file CONFIG_FILE toolkit/train.py ARGS`, on a free port."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *launch_args]
-    if "ddp" in config_file:
-        cmd += ["--main_process_port", str(free_port())]
-    return subprocess.run([*cmd, script, *args], cwd=ROOT, env=_env(env), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def metrics(run_dir: Path) -> List[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(path: Path) -> Dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"parameters differ: {different}"
+def pytest_collection_modifyitems(config, items):
+    """Tests pinned to one worker (an xdist_group: the local SLURM cluster, Ray) first, so that
+    under `make test`'s workers that long serial chain starts at once and the other workers
+    share everything else beside it, instead of it running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable
 
 
 @pytest.fixture(scope="session")
 def demo_single(tmp_path_factory) -> Path:
-    """The demo config, trained once per session with one process, exactly as `make demo` runs it."""
+    """The demo config, trained once per session with one process, exactly as `make demo` runs it.
+    Tests that use it launch a CLI: mark them slow."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     ok(launch(["--config", DEMO, f"run.dir={run_dir}"], config_file="launch/cpu.yaml"))
     return run_dir

@@ -4,38 +4,13 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ok, summary, train
+from helpers import dump_pickle, make_cifar10, make_cifar100, ok, summary, train
 from toolkit.data import DATASETS
 from toolkit.errors import ConfigError
-
-
-def _batch(n: int, num_classes: int, label_key: bytes, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {b"batch_label": b"fake", label_key: [int(i % num_classes) for i in range(n)],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"img{i}.png".encode() for i in range(n)]}
-
-
-def _dump(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def make_cifar10(root: Path, per_batch: int = 40, test: int = 50) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for i in range(1, 6):
-        _dump(folder / f"data_batch_{i}", _batch(per_batch, 10, b"labels", i))
-    _dump(folder / "test_batch", _batch(test, 10, b"labels", 99))
-    _dump(folder / "batches.meta", {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer",
-                                                     b"dog", b"frog", b"horse", b"ship", b"truck"]})
-    return folder
 
 
 def test_cifar10_reads_torchvision_layout(tmp_path):
@@ -56,11 +31,7 @@ def test_cifar10_reads_torchvision_layout(tmp_path):
 
 
 def test_cifar100_reads_fine_labels(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    _dump(folder / "train", _batch(1000, 100, b"fine_labels", 1))  # 10% val: one per class
-    _dump(folder / "test", _batch(100, 100, b"fine_labels", 2))
-    _dump(folder / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
+    make_cifar100(tmp_path, train=1000, test=100)  # 10% val: one per class
     s = DATASETS.build("cifar100", root=str(tmp_path), split_seed=0, limit=None)
     assert s.num_classes == 100 and len(s.test) == 100 and s.class_names[42] == "c42"
 
@@ -74,7 +45,7 @@ class Evil:
 def test_a_batch_that_wants_to_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = make_cifar10(tmp_path)
-    _dump(folder / "data_batch_2", {b"data": Evil(), b"labels": []})
+    dump_pickle(folder / "data_batch_2", {b"data": Evil(), b"labels": []})
     with pytest.raises(ConfigError, match="data_batch_2 is not a readable CIFAR batch.*posix.system is not allowed"):
         DATASETS.build("cifar10", root=str(tmp_path), split_seed=0, limit=None)
     assert not (tmp_path / "EVIL_RAN").exists()
@@ -99,6 +70,7 @@ def test_missing_folder_says_how_to_get_it(tmp_path):
         DATASETS.build("cifar10", root=None, split_seed=0, limit=None)
 
 
+@pytest.mark.slow
 def test_train_cli_on_cifar10_files(tmp_path):
     make_cifar10(tmp_path / "data")
     run = tmp_path / "run"
@@ -109,6 +81,7 @@ def test_train_cli_on_cifar10_files(tmp_path):
     assert s["num_test_samples"] == 50 and set(s["per_class_acc"]) >= {"airplane", "truck"}
 
 
+@pytest.mark.slow
 def test_train_cli_bad_dataset_leaves_no_run_directory(tmp_path):
     run = tmp_path / "run"
     proc = train(["--config", "configs/digits_lenet.yaml", "data.name=cifar10", f"data.root={tmp_path}",

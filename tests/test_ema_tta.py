@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import DEMO, assert_same_weights, ok, summary, train, weights
+from helpers import DEMO, assert_same_weights, ok, summary, train, weights
 from toolkit import checkpoint
 from toolkit.ema import ModelEma
 from toolkit.engine import evaluate
@@ -108,6 +108,7 @@ def _sync_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ema_batchnorm_statistics_are_rank_0s_on_every_rank(tmp_path):
     """DDP keeps parameters equal across ranks but not BatchNorm's running statistics."""
     import torch.multiprocessing as mp

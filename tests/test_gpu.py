@@ -8,8 +8,10 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import DEMO, assert_same_weights, launch, ok, summary, train
+from helpers import (DEMO, assert_same_weights, build_imagefolder, decode_folder_args, decoded_batches, launch,
+                     make_decode_folder, ok, run_module, summary, train)
 
+pytestmark = pytest.mark.slow  # every test here launches a CLI (and needs CUDA)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -72,18 +74,14 @@ def test_ema_and_flip_tta_under_bf16_on_one_gpu(tmp_path):
 def test_extraction_on_the_gpu_writes_the_cpu_features(tmp_path, loader):
     """Shards are copied to pinned host memory and written on the background thread
     (toolkit.extract.ShardWriter): on the GPU they must hold what the CPU computes."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, _env
     from toolkit.features import load_features
 
     base = ["data.name=digits", "data.split=test", "model.name=lenet", "extract.shard_size=40"]
     runs = {}
     for name, env in (("gpu", None), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
-        proc = subprocess.run([sys.executable, "-m", "toolkit.extract", *base, f"run.dir={tmp_path / name}",
-                               f"data.loader={loader if name == 'gpu' else 'auto'}", "data.num_workers=1"],
-                              cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=600)
+        args = [*base, f"run.dir={tmp_path / name}", f"data.loader={loader if name == 'gpu' else 'auto'}",
+                "data.num_workers=1"]
+        proc = run_module("toolkit.extract", args, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("device cuda" in proc.stdout) == (name == "gpu"), proc.stdout
         runs[name] = load_features(tmp_path / name / "features")
@@ -100,14 +98,11 @@ def test_device_decode_on_the_gpu_matches_the_workers(tmp_path):
     """data.decode=device on a GPU: nvJPEG decodes, the resize runs on the GPU. Its batches are
     close to the workers' libjpeg-turbo + CPU resize ones (the IDCTs and resize kernels differ
     by a few levels), and a training run with it completes."""
-    from test_device_decode import _folder_args, batches, folder
-
     from toolkit.data.base import collate_for
-    from test_imagefolder import build
 
-    root = folder(tmp_path)
-    ds_w, ds_d = build(root).test, build(root).test
-    want = batches(ds_w, "workers")
+    root = make_decode_folder(tmp_path)
+    ds_w, ds_d = build_imagefolder(root).test, build_imagefolder(root).test
+    want = decoded_batches(ds_w, "workers")
     norm = ds_d.device_decode(torch.device("cuda"))
     got = [norm(x) for x, _ in torch.utils.data.DataLoader(ds_d, batch_size=5, num_workers=2,
                                                            collate_fn=collate_for(ds_d))]
@@ -115,5 +110,5 @@ def test_device_decode_on_the_gpu_matches_the_workers(tmp_path):
         assert xd.device.type == "cuda" and xd.shape == xw.shape
         diff = (xd.cpu() - xw).abs() * 0.224 * 255  # in uint8 levels (roughly)
         assert diff.mean() < 1.5 and diff.max() < 24, (diff.mean(), diff.max())
-    ok(train(_folder_args(tmp_path, "run", "data.decode=device")))
+    ok(train(decode_folder_args(tmp_path, "run", "data.decode=device")))
     assert summary(tmp_path / "run")["decode"] == "device"

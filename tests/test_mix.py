@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEMO, assert_same_weights, metrics, ok, summary, train
+from helpers import DEMO, assert_same_weights, metrics, ok, summary, train
 from toolkit.config import load_config
 from toolkit.data.mix import BatchMix
 from toolkit.errors import ConfigError
@@ -63,6 +63,7 @@ def test_triplet_with_mixup_is_refused():
         load_config(DEMO, ["data.cutmix_alpha=-1"])
 
 
+@pytest.mark.slow
 def test_mixup_run_trains_and_resumes_exactly(tmp_path):
     args = ["--config", DEMO, "train.epochs=3", "sched.milestones=[]", "log.tensorboard=false", "log.plots=false",
             "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "optim.lr=0.05"]

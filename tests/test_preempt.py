@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, ROOT, _env, assert_same_weights, free_port, ok, summary, train
+from helpers import DEMO, ROOT, assert_same_weights, child_env, free_port, ok, summary, train
 
 ARGS = ["--config", DEMO, "data.limit=400", "train.epochs=3", "sched.milestones=[]", "log.plots=false",
         "train.preempt_check_steps=2", "train.resume=auto"]
 
 
 def start(cmd, run: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env({"TOOLKIT_FAULT_STEP_SLEEP": "0.2", **(env or {})}),
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env({"TOOLKIT_FAULT_STEP_SLEEP": "0.2", **(env or {})}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -70,6 +70,6 @@ def test_two_ranks_stop_after_the_same_step_on_a_preempt_file(tmp_path, referenc
     (run / ".preempt").write_text("")
     out, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "preempted: stopped on a preemption request" in err, err[-3000:]
-    ok(subprocess.run(cmd, cwd=ROOT, env=_env(None), capture_output=True, text=True, timeout=300))
+    ok(subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300))
     s = summary(run)
     assert s["resumed_from"] is not None and s["world_size"] == 2

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DEMO, ROOT, launch, metrics, ok, summary, train
+from helpers import DEMO, launch, metrics, ok, run_module, summary, train
 from toolkit.report import read_confusion
+
+pytestmark = pytest.mark.slow  # every test here trains through the CLI or uses demo_single, which does
 
 SHORT = ["--config", DEMO, "train.epochs=2", "sched.milestones=[]", "log.tensorboard=false"]
 
 
 def report(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.report", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("toolkit.report", [str(a) for a in args], timeout=300)
 
 
 def _png(path: Path) -> tuple:

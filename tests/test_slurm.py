@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, ROOT, assert_same_weights, summary
+from helpers import DEMO, ROOT, assert_same_weights, summary
 
 CLUSTER = ROOT / "slurm" / "dev" / "cluster.sh"
 TINY = ["data.limit=400", "train.epochs=3", "sched.milestones=[]", "log.plots=false", "log.progress=plain",
         "train.preempt_check_steps=1"]
 
-pytestmark = pytest.mark.slow
+# One SLURM cluster per module. Under pytest-xdist this module and test_tune (local Ray) share one
+# worker: they never run beside each other (a SLURM test once lost its controller while they did).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("clusters")]
 
 
 @pytest.fixture(scope="module")

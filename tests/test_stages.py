@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
+from helpers import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
 from toolkit import checkpoint
 from toolkit.config import load_config, resolve_stages, stage_at, with_flat
 from toolkit.errors import ConfigError
@@ -70,6 +70,7 @@ def _ckpt_weights(run, step):
     return weights(run / "checkpoints" / f"step_{step}" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_two_stages_train_what_each_stage_says(tmp_path):
     run = tmp_path / "run"
     proc = ok(train([*BASE, TWO_STAGES, f"run.dir={run}"]))
@@ -111,6 +112,7 @@ def _kill_and_resume_across_stages(tmp_path, runner, extra, kill_at):
     return epoch_steps, proc
 
 
+@pytest.mark.slow
 def test_killed_just_after_the_stage_boundary_resumes_into_stage_two(tmp_path):
     """The checkpoint at the boundary holds stage 2's fresh optimizer and schedule."""
     epoch_steps, proc = _kill_and_resume_across_stages(
@@ -120,6 +122,7 @@ def test_killed_just_after_the_stage_boundary_resumes_into_stage_two(tmp_path):
     assert state["epoch"] == 2 and state["batch"] == 0
 
 
+@pytest.mark.slow
 def test_ddp_killed_mid_stage_one_resumes_through_the_boundary(tmp_path):
     """2 processes: a rank dies mid-epoch in stage 1; the resumed run crosses into stage 2
     (re-wrapping DDP for the new set of trainable parameters) and ends where an uninterrupted

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import DEMO, ok, summary, train
+from helpers import DEMO, ok, summary, train
 from toolkit.data import DATASETS
 
 
@@ -21,6 +22,7 @@ def test_synthetic_sizes_and_seeding():
     assert torch.equal(a.train.images, b.train.images) and not torch.equal(a.train.images, c.train.images)
 
 
+@pytest.mark.slow
 def test_synthetic_through_the_cli(tmp_path):
     run = tmp_path / "run"
     ok(train(["--config", DEMO, "data.name=synthetic", "data.image_size=48", "data.limit=96", "data.augment=flip_crop",

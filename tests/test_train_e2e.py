@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
+from helpers import DEMO, assert_same_weights, launch, metrics, ok, summary, train, weights
 from toolkit import checkpoint
+
+pytestmark = pytest.mark.slow  # every test here launches the CLI
 
 # Three short epochs (39 steps each) with a checkpoint every 25 steps.
 SHORT = ["--config", DEMO, "train.epochs=3", "sched.milestones=[2]", "train.checkpoint_every_steps=25",
@@ -291,7 +293,6 @@ def test_print_config_shows_the_resolved_config():
     assert json.dumps(cfg)  # plain data only
 
 
-@pytest.mark.slow
 def test_compile_with_the_feature_plots_and_ema_on_cpu(tmp_path):
     """torch.compile does not run hooks added after tracing: the feature tap of the final
     evaluation must still see the penultimate features (and the EMA copy is not compiled)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMO, launch, ok, summary, train
+from helpers import DEMO, launch, ok, summary, train
 from toolkit.data.samplers import PKSampler
 from toolkit.losses import LOSSES
 
@@ -63,6 +63,7 @@ def test_pk_sampler_batches():
         PKSampler(labels, p=11, k=2, seed=0)
 
 
+@pytest.mark.slow
 def test_triplet_with_ce_trains_with_pk_batches(tmp_path):
     args = ["--config", DEMO, "loss.name=triplet", "loss.ce_weight=1.0", "data.sampler=pk", "data.pk_k=4",
             "optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0",
@@ -75,6 +76,7 @@ def test_triplet_with_ce_trains_with_pk_batches(tmp_path):
     assert s2["world_size"] == 2 and abs(s2["test_acc"] - s1["test_acc"]) < 0.05
 
 
+@pytest.mark.slow
 def test_pk_batch_must_split_into_whole_classes(tmp_path):
     proc = train(["--config", DEMO, "data.sampler=pk", "data.pk_k=5", f"run.dir={tmp_path / 'r'}"], timeout=120)
     assert proc.returncode == 2

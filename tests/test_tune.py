@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import DEMO, ROOT, _env, ok, summary, train
+from helpers import DEMO, ROOT, child_env, ok, run_module, summary, train
 from toolkit.errors import ConfigError
 from toolkit.tune import Space, check_space, expand, load_space, search_mode
 from toolkit.config import load_config
@@ -26,9 +26,8 @@ TINY = ["data.limit=240", "sched.milestones=[]", "log.plots=false", "log.every_n
 
 
 def tune(args, tmp_path: Path, env=None, timeout=420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toolkit.tune", "--storage", str(tmp_path / "sweeps"),
-                           "--num-cpus", "2", *args], cwd=ROOT, env=_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+    return run_module("toolkit.tune", ["--storage", str(tmp_path / "sweeps"), "--num-cpus", "2", *args], env=env,
+                      timeout=timeout)
 
 
 def results(sweep: Path):
@@ -36,7 +35,13 @@ def results(sweep: Path):
         return list(csv.DictReader(f))
 
 
+# Each sweep starts a local Ray with all CPUs: under pytest-xdist they run one at a time, on the worker
+# that runs test_slurm (whose sweeps start Ray too).
+pytestmark = pytest.mark.xdist_group("clusters")
+
+
 # --- spaces, no Ray -------------------------------------------------------------------------
+
 
 def test_every_shipped_space_loads_and_fits_the_demo_config():
     cfg = load_config(DEMO)
@@ -71,6 +76,14 @@ def test_bad_spaces_are_named(tmp_path, text, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_space_values_are_read_as_configs_are(tmp_path):
+    """`no`/`off` in a space file are the words, as in a config file (YAML 1.1 would make them false)."""
+    path = tmp_path / "precision.yaml"
+    path.write_text("grid:\n  train.precision: [no, bf16]\n  log.progress: [off, plain]\n")
+    space = load_space(str(path))
+    assert space.grid == {"train.precision": ["no", "bf16"], "log.progress": ["off", "plain"]}
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--space", "nope"], "--space: unknown space 'nope'; choose one of: augment, full, label_noise, lr,"),
     (["--space", "lr", "--metric", "val_f1"], "--metric: 'val_f1' is never reported; trials report: val_acc,"),
@@ -101,6 +114,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(tmp_path, capsys, args, n
     assert not ray.is_initialized() and not any((tmp_path / "sweeps").glob("*/sweep.json"))
 
 
+@pytest.mark.slow
 def test_the_cli_exits_2_with_one_line(tmp_path):
     proc = tune(["--config", DEMO, "--space", "nope"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -108,6 +122,7 @@ def test_the_cli_exits_2_with_one_line(tmp_path):
         f"weight_decay (or a YAML path)"]
 
 
+@pytest.mark.slow
 def test_a_sweep_name_in_use_is_refused(tmp_path):
     (tmp_path / "sweeps" / "taken" / "runs").mkdir(parents=True)
     proc = tune(["--config", DEMO, "--space", "lr", "--name", "taken"], tmp_path)
@@ -207,7 +222,7 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     args = ["--config", DEMO, "--space", str(_space(tmp_path, [0.01, 0.02, 0.05])), "--name", "kill",
             "--scheduler", "fifo", "--max-concurrent", "1", "train.epochs=3", *TINY]
     cmd = [sys.executable, "-m", "toolkit.tune", "--storage", str(tmp_path / "sweeps"), "--num-cpus", "2", *args]
-    driver = subprocess.Popen(cmd, cwd=ROOT, env=_env({"TOOLKIT_FAULT_STEP_SLEEP": "0.15"}),
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=child_env({"TOOLKIT_FAULT_STEP_SLEEP": "0.15"}),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs = tmp_path / "sweeps" / "kill" / "runs"
     deadline = time.time() + 300

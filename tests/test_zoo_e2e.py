@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from conftest import DEMO, metrics, ok, summary, train
+from helpers import DEMO, launch, metrics, ok, summary, train, weights
+
+pytestmark = pytest.mark.slow  # every test here trains through the CLI
 
 
 def test_adam_cosine_warmup_squared_loss_trains(tmp_path):
@@ -35,8 +38,6 @@ def test_rmsprop_step_schedule_with_label_noise(tmp_path):
 def test_pretrained_frozen_backbone_under_ddp_trains_only_the_classifier(tmp_path):
     """E4's recipe: load weights, freeze the features, train the head. BatchNorm statistics of
     the frozen backbone must not move, and DDP must not complain about parameters without grads."""
-    from conftest import launch, weights
-
     base = ["--config", DEMO, "model.name=base_cnn", "data.limit=256", "train.epochs=1",
             "sched.milestones=[]", "log.tensorboard=false"]
     ok(train([*base, f"run.dir={tmp_path / 'a'}"]))
@@ -74,8 +75,6 @@ def test_torchvision_state_dict_loads_with_a_new_head_and_the_frozen_part_stays_
     bit, BatchNorm running statistics included."""
     import torchvision
     from torch import nn
-
-    from conftest import weights
 
     torch.manual_seed(5)
     net = torchvision.models.resnet18(weights=None)

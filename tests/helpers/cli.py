@@ -1,0 +1,89 @@
+"""Run the real CLIs in subprocesses, and read what they wrote into a run directory.
+
+    from helpers import DEMO, ok, summary, train
+    ok(train(["--config", DEMO, f"run.dir={run}"]))
+    assert summary(run)["test_acc"] > 0.9
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/helpers/cli.py -> ../..
+DEMO = str(ROOT / "configs" / "digits_lenet.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """This process's environment for a child: no TOOLKIT_FAULT_* left over from the caller's
+    shell, unbuffered output (a killed child's last lines still arrive), plus EXTRA.
+    (Not called `env`: every runner below takes an `env=` argument, which would shadow it.)"""
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith("TOOLKIT_FAULT"):
+            del env[k]
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_module(module: str, args: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: int = 300,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in CWD, output captured as text (toolkit.extract, toolkit.report, ...)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=child_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train(args: List[str], env: Optional[Dict[str, str]] = None, timeout: int = 300,
+          cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m toolkit.train ARGS` (one process)."""
+    return run_module("toolkit.train", args, env=env, timeout=timeout, cwd=cwd)
+
+
+def launch(args: List[str], config_file: str = "launch/cpu_ddp.yaml", env: Optional[Dict[str, str]] = None,
+           timeout: int = 300, script: str = "toolkit/train.py",
+           launch_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG_FILE toolkit/train.py ARGS`, on a free port."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *launch_args]
+    if "ddp" in config_file:
+        cmd += ["--main_process_port", str(free_port())]
+    return subprocess.run([*cmd, script, *args], cwd=ROOT, env=child_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"parameters differ: {different}"
