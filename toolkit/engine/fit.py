@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import time
 from datetime import datetime, timedelta
@@ -81,7 +82,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     config_yaml = to_yaml(cfg)
     tracker.write_text(rundir.CONFIG, config_yaml)
     if noise_record is not None:
-        tracker.write_json(rundir.LABEL_NOISE, noise_record)
+        tracker.write_text(rundir.LABEL_NOISE, json.dumps(noise_record) + "\n")  # one line: it lists every change
 
     resume_path = find_resume(accelerator, t.resume, run.checkpoints, tracker)
     state = TrainState(**checkpoint.read_state(resume_path)) if resume_path else TrainState()
@@ -124,9 +125,8 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
         if state.epoch < t.epochs:
             saver.stop_if_requested(state, saved)
     tracker.close()
-    summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, {
-        "wall_s": time.perf_counter() - t_start, "resumed_from": str(resume_path) if resume_path else None,
-        "num_params": sum(p.numel() for p in raw_model.parameters())})
+    summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, t_start=t_start,
+                     resumed_from=resume_path, num_params=sum(p.numel() for p in raw_model.parameters()))
     accelerator.end_training()
     return summary
 
@@ -301,9 +301,10 @@ def _evaluate(stage_run: StageRun, loader, split: str, accelerator: Accelerator,
 
 
 def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, tracker: Tracker,
-           run: rundir.RunDir, state: TrainState, num_classes: int, extra: Dict[str, Any]) -> Dict[str, Any]:
-    """Test, save RUN/model.safetensors, the summary (with `extra`) and the result files; returns
-    the summary."""
+           run: rundir.RunDir, state: TrainState, num_classes: int, *, t_start: float, resumed_from: Optional[Path],
+           num_params: int) -> Dict[str, Any]:
+    """Test, save RUN/model.safetensors, the summary and the result files; returns the summary.
+    `t_start`: when fit began (wall_s counts everything up to the summary)."""
     t, d, log = cfg.train, cfg.data, cfg.log
     sample = functools.partial(plot_sample, most=log.embed_max, seed=cfg.run.seed)
     test = _evaluate(stage_run, stage_run.test_dl, "test", accelerator, num_classes, t,
@@ -322,11 +323,13 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
         "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
         "best_epoch": state.best_epoch, "epochs": t.epochs, "steps": state.step,
         "images_per_s": state.images / max(state.train_time_s, 1e-9), "train_time_s": state.train_time_s,
+        "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
         "precision": str(t.precision), "loader": stage_run.loader, "decode": stage_run.decode,
-        "ema_decay": t.ema_decay, "tta": str(t.tta), "num_trainable_params": stage_run.num_trainable,
-        "nonfinite_steps": state.nonfinite_total,
-        **extra, "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
+        "ema_decay": t.ema_decay, "tta": str(t.tta), "num_params": num_params,
+        "num_trainable_params": stage_run.num_trainable, "nonfinite_steps": state.nonfinite_total,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
     }
     tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"]})
     tracker.write_json(rundir.SUMMARY, summary)  # before the plots, which read it

@@ -38,7 +38,9 @@ def _no_context(*_args) -> contextlib.AbstractContextManager:
 class BatchPrep:
     """What happens to a training batch between the loader and the forward pass, in this order:
     uint8 -> float on the device (`normalize`), this rank's slice of the global batch augmented
-    as a whole (`augment`), MixUp/CutMix (`mix`: (B,) labels -> (B, K) soft labels), memory format."""
+    as a whole (`augment`), MixUp/CutMix (`mix`: (B,) labels -> (B, K) soft labels), memory format.
+    `rank`/`world` pick this process's slice of the augmentation drawn for the global batch: a
+    multi-process caller must set them (StageRun does, from the Accelerator)."""
 
     normalize: Optional[Callable] = None
     augment: Optional[Callable] = None
