@@ -122,7 +122,7 @@ class Tracker:
         """RUN/.lock, held by the process that writes (rank 0) for as long as the context lasts."""
         return run_lock(self.run_dir, wait_s) if self.enabled else contextlib.nullcontext()
 
-    def write_plots(self, tsne: bool, classes: Optional[List[str]]) -> None:
+    def write_plots(self, tsne: bool, classes: Optional[List[int]]) -> None:
         """The run's plots and report.html. A plot that fails costs a warning, never the finished run."""
         if not self.enabled:
             return
