@@ -92,7 +92,7 @@ class PillowFolder(imf.ImageFolderDataset):
 
 def one_pass(ds, batch: int, workers: int, fast_decode: bool = True) -> float:
     """Images/s of one full pass, worker start included."""
-    saved = images._DECODERS
+    saved = images.decoders()
     images._DECODERS = saved if fast_decode else {}  # forked workers inherit the switch
     try:
         loader = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_batch,
@@ -110,7 +110,7 @@ def per_image(base: Path, size: int, repeats: int) -> None:
     """ms per image of the three per-image pipelines, one thread, files in the page cache."""
     sets = {"256x256 JPEG": (256, 256, ".jpg"), "500x375 JPEG": (375, 500, ".jpg"), "500x375 PNG": (375, 500, ".png")}
     pil = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
-    saved = images._DECODERS
+    saved = images.decoders()
     fns = {"Pillow + Pillow resize": lambda p: pil(images.load_rgb(p)),
            "Pillow + tensor resize": lambda p: images.load_resized(p, size),
            "torchvision + tensor resize": lambda p: images.load_resized(p, size)}

@@ -126,7 +126,7 @@ def pil_pipeline(path: Path, size: int) -> torch.Tensor:
 def test_fast_decode_is_active():
     # torchvision's image ops are deprecated since 0.29 (torchcodec replaces them); when they are
     # gone Pillow decodes everything, slower. This says so instead of a silent slow-down.
-    assert imf.FAST_DECODE, "torchvision.io decoders not found: imagefolder decodes with Pillow only"
+    assert imf.fast_decode(), "torchvision.io decoders not found: imagefolder decodes with Pillow only"
 
 
 @pytest.mark.parametrize("mode, ext, size", KINDS + [("1", ".png", (30, 20)), ("RGB", ".jpg", (256, 256))])
@@ -155,7 +155,7 @@ def test_resize_within_one_level_of_pillow(folder, size):
 def test_truncated_jpeg_is_refused_by_torchvision_and_pillow(tmp_path):
     data = truncated_jpeg(tmp_path / "t.jpg")
     with pytest.raises(RuntimeError, match="truncated"):  # the fast decoder itself refuses it ...
-        imf._DECODERS["JPEG"](torch.frombuffer(bytearray(data), dtype=torch.uint8), 3, False)
+        imf.decoders()["JPEG"](torch.frombuffer(bytearray(data), dtype=torch.uint8), 3, False)
     with pytest.raises(OSError, match="truncated"):  # ... and what the caller sees is Pillow's error
         imf.decode_uint8(str(tmp_path / "t.jpg"))
 

@@ -114,3 +114,17 @@ def test_ddp_run_writes_the_plots_once(tmp_path):
     names, m = read_confusion(run / "confusion_train.csv")
     assert sum(map(sum, m)) == 1257  # gathered over both ranks, padding dropped
     _png(run / "confusion_train.png")
+
+
+def test_pca_2d_matches_scikit_learn_up_to_sign():
+    """The run's embedding plot projects with NumPy's SVD (start-up: no scikit-learn import);
+    the axes are scikit-learn's PCA axes, each up to its sign, and the sign is fixed."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    from toolkit.report import pca_2d
+
+    f = np.random.RandomState(0).randn(60, 12) * np.linspace(3, 0.1, 12)
+    ours, ref = pca_2d(f), PCA(n_components=2).fit_transform(f)
+    assert np.allclose(np.abs(ours), np.abs(ref))
+    assert np.allclose(pca_2d(-f), -pca_2d(f))  # same axes, sign fixed by the loadings

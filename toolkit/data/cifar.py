@@ -18,7 +18,6 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 from toolkit.errors import ConfigError
@@ -105,6 +104,8 @@ def _build(kind: str, root: str | None, split_seed: int, limit: int | None, down
     x_train, y_train = read_split(folder, spec["train"], spec["labels"])
     x_test, y_test = read_split(folder, spec["test"], spec["labels"])
     num_classes = int(max(y_train.max(), y_test.max())) + 1
+    from sklearn.model_selection import train_test_split  # ~1.2 s to import: only when used
+
     idx = np.arange(len(y_train))
     tr, va = train_test_split(idx, test_size=0.1, stratify=y_train.numpy(), random_state=split_seed)
     parts = [(x_train, y_train, np.sort(tr)), (x_train, y_train, np.sort(va)),

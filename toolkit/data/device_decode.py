@@ -19,9 +19,18 @@ import warnings
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from toolkit.data.images import IMAGENET, decode_encoded, pil_tensor, read_encoded, resize_crop
+
+
+def decode_jpeg(data, device: torch.device):
+    """torchvision.io.decode_jpeg to RGB: one (B,) uint8 tensor or a list of them. torchvision is
+    imported on first use, not with this module (which every image-folder run imports): a run
+    that does not decode on the device does not pay its ~1.5 s import."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+
+    return torchvision_decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def read_for_device(path: str, image_size: int) -> torch.Tensor:
@@ -79,7 +88,7 @@ class DeviceDecode:
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return decode_jpeg(data, device=self.device)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
@@ -96,7 +105,7 @@ class DeviceDecode:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
             try:
-                return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+                return decode_jpeg(datas, device=self.device)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from toolkit.data.base import DATASETS, Splits, TensorImageDataset
 
@@ -27,6 +25,8 @@ def _to_images(flat: np.ndarray) -> torch.Tensor:
 
 
 def split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split  # scikit-learn: ~1.2 s, only when used
+
     idx = np.arange(len(labels))
     train_val, test = train_test_split(idx, test_size=0.2, stratify=labels, random_state=seed)
     train, val = train_test_split(train_val, test_size=0.125, stratify=labels[train_val],
@@ -36,6 +36,8 @@ def split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
 
 @DATASETS.register("digits")
 def digits(root: str | None = None, split_seed: int = 0, limit: int | None = None, **_) -> Splits:
+    from sklearn.datasets import load_digits
+
     raw = load_digits()
     images = _to_images(raw.data)  # (1797, 3, 32, 32) uint8
     labels = torch.from_numpy(raw.target.astype(np.int64))

@@ -29,7 +29,7 @@ libjpeg-turbo and libpng), refuse a truncated JPEG or PNG like Pillow does ("Ima
 or truncated", tested), but have no decompression-bomb limit (a 100,000 x 100,000 PNG header
 makes them try to allocate 30 GB): the Pillow header check runs first, always. They are deprecated since torchvision 0.29 in favour of torchcodec (not a
 dependency here); the registered ops are called directly (no per-call warning) and, where a
-torchvision lacks them, `FAST_DECODE` is False and Pillow decodes everything. If torchvision
+torchvision lacks them, `fast_decode()` is False and Pillow decodes everything. If torchvision
 refuses a file, Pillow decides: it decodes it or raises its own error.
 
 Safety (docs: DESIGN.md "Safe defaults"): Pillow's DecompressionBombWarning is an error and an
@@ -56,7 +56,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as F
 
 from toolkit.data.base import Normalize
 from toolkit.errors import ConfigError
@@ -112,8 +111,38 @@ def _torchvision_decoders() -> dict:
         return {}
 
 
-_DECODERS = _torchvision_decoders()
-FAST_DECODE = bool(_DECODERS)
+# torchvision is imported on first use, not with this module: its import costs ~1.5 s of
+# start-up that a run on digits or CIFAR never needs. `load_codecs` pays it up front.
+_DECODERS: dict | None = None  # {} where torchvision lacks the ops: Pillow decodes everything
+_RESIZE = None  # torchvision.transforms.v2.functional
+
+
+def decoders() -> dict:
+    global _DECODERS
+    if _DECODERS is None:
+        _DECODERS = _torchvision_decoders()
+    return _DECODERS
+
+
+def fast_decode() -> bool:
+    """True where torchvision's JPEG/PNG decoders are available."""
+    return bool(decoders())
+
+
+def _resize_ops():
+    global _RESIZE
+    if _RESIZE is None:
+        from torchvision.transforms.v2 import functional
+
+        _RESIZE = functional
+    return _RESIZE
+
+
+def load_codecs() -> None:
+    """Import the decoders and resize ops now. Datasets call it when they are built, in the
+    main process, so that forked loader workers inherit them instead of each importing them."""
+    decoders()
+    _resize_ops()
 # Pillow modes (from the header) the torchvision decoders turn into the same RGB as Pillow's
 # convert("RGB"); CMYK/YCCK JPEG and 16-bit PNG ("I;16", "I") are left to Pillow.
 _FAST_MODES = {"JPEG": ("L", "RGB"), "PNG": ("1", "L", "LA", "RGB", "RGBA", "P")}
@@ -142,7 +171,8 @@ def read_encoded(path: str) -> tuple[str | None, torch.Tensor]:
     with open(path, "rb") as f:
         with Image.open(f) as im:  # reads the header only
             _check_pixels(im)
-            fmt = im.format if im.format in _DECODERS and im.mode in _FAST_MODES.get(im.format, ()) else None
+            fast = im.format in decoders() and im.mode in _FAST_MODES.get(im.format, ())
+            fmt = im.format if fast else None
             if fmt is None:
                 return None, pil_tensor(im.convert("RGB"))
         f.seek(0)
@@ -153,7 +183,7 @@ def decode_encoded(fmt: str, data: torch.Tensor, path: str) -> torch.Tensor:
     """`read_encoded`'s bytes -> (3, H, W) uint8 RGB with torchvision's decoder; Pillow decides
     where torchvision refuses the file or gives something else (16-bit)."""
     try:
-        x = _DECODERS[fmt](data, _RGB, False)  # (3, H, W); EXIF orientation ignored, as Pillow does
+        x = decoders()[fmt](data, _RGB, False)  # (3, H, W); EXIF orientation ignored, as Pillow does
     except RuntimeError:
         x = None
     if x is None or x.dtype != torch.uint8 or x.shape[0] != 3:
@@ -164,8 +194,9 @@ def decode_encoded(fmt: str, data: torch.Tensor, path: str) -> torch.Tensor:
 
 def resize_crop(x: torch.Tensor, image_size: int) -> torch.Tensor:
     """(3, H, W) uint8 -> (3, S, S) uint8: shorter side to S (bilinear, antialiased), centre crop."""
-    x = F.resize(x, [image_size], antialias=True)
-    return F.center_crop(x, [image_size, image_size]).contiguous()
+    ops = _resize_ops()
+    x = ops.resize(x, [image_size], antialias=True)
+    return ops.center_crop(x, [image_size, image_size]).contiguous()
 
 
 def load_resized(path: str, image_size: int) -> torch.Tensor:

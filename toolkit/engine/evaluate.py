@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from toolkit.metrics import ClassCounts
 from toolkit.models import set_train_mode
 from toolkit.models.freeze import unwrap
 
@@ -37,24 +38,16 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
              keep: Optional[torch.Tensor] = None, tta: str = "none",
              normalize: Optional[Callable] = None) -> Dict[str, Any]:
     """Exact under any world size: gather_for_metrics drops the sampler's padding, so every
-    sample counts once. Each rank updates its metrics with the gathered batch (no metric sync).
+    sample counts once. Each rank counts the gathered batch (no metric sync).
 
     keep: sorted positions in the split whose penultimate features (and labels) to return, as
     "features" (n, D) and "labels" (n,) on the CPU, for the feature plots.
     tta="flip": logits are the mean of the image's and its mirror image's; the features are the
     image's own (the mirror is run first, so the tap holds the original's).
     normalize: for a loader of uint8 items, their normalisation (run on the device)."""
-    # torchmetrics' package import takes ~2.5 s (it imports torchvision's model zoo): paid only
-    # by a process that evaluates, not by every importer of the engine.
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
     model.eval()
     device = accelerator.device
-    kw = dict(num_classes=num_classes, sync_on_compute=False)
-    top1 = MulticlassAccuracy(top_k=1, average="micro", **kw).to(device)
-    top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **kw).to(device)
-    per_class = MulticlassAccuracy(top_k=1, average="none", **kw).to(device)
-    confusion = MulticlassConfusionMatrix(**kw).to(device)
+    counts = ClassCounts(num_classes, top_k=5, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     own_tap = FeatureTap(model) if keep is not None and tap is None else None
     feature_tap = tap or own_tap
@@ -90,16 +83,15 @@ def evaluate(model: nn.Module, criterion: nn.Module, loader, accelerator: Accele
                 kept_f.append(feats[sel.to(feats.device)].cpu())
                 kept_y.append(y[sel.to(y.device)].cpu())
             count += y.shape[0]
-            for metric in (top1, top5, per_class, confusion):
-                metric.update(logits, y)
+            counts.update(logits, y)
     finally:
         if own_tap is not None:
             own_tap.remove()
     set_train_mode(model)
-    out = {"acc": top1.compute().item(), "top5": top5.compute().item(),
+    out = {"acc": counts.acc(), "top5": counts.topk_acc(),
            "loss": (loss_sum / max(count, 1)).item(), "num_samples": count,
-           "per_class_acc": per_class.compute().tolist(),
-           "confusion": confusion.compute().cpu().tolist()}
+           "per_class_acc": counts.per_class_acc(),
+           "confusion": counts.confusion().cpu().tolist()}
     if keep is not None:
         out["features"] = torch.cat(kept_f) if kept_f else torch.zeros(0)
         out["labels"] = torch.cat(kept_y) if kept_y else torch.zeros(0, dtype=torch.long)

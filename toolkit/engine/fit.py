@@ -67,7 +67,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     check_paths(cfg)
     accelerator = make_accelerator(cfg)
     t = cfg.train
-    seed_everything(cfg.run.seed, t.deterministic)
+    seed_everything(cfg.run.seed, t.deterministic, t.compile)
     splits, num_classes, noise_record = load_data(cfg.data, cfg.model.num_classes, accelerator)
     loader_kind = choose_loader(cfg.data.loader, splits.train, accelerator)
     stages = resolve_stages(cfg)
@@ -156,12 +156,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, compiled: bool) -> None:
+    set_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    set_seed(seed, deterministic=deterministic)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        if compiled:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            # torch.use_deterministic_algorithms imports torch._inductor.config (~1 s of
+            # start-up) only to set inductor's copy of the flag, which compiled code alone reads.
+            torch._C._set_deterministic_algorithms(True, warn_only=True)
     # Not deterministic: let cuDNN time its algorithms for each new input shape and keep the
     # fastest (the shapes repeat every step here); a no-op without CUDA.
     torch.backends.cudnn.benchmark = not deterministic
