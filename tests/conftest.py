@@ -4,6 +4,7 @@ mode), and pyproject.toml's `pythonpath = ["tests"]` says so explicitly."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,21 @@ def pytest_collection_modifyitems(config, items):
     under `make test`'s workers that long serial chain starts at once and the other workers
     share everything else beside it, instead of it running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sweep_signing_key(tmp_path_factory):
+    """Sweeps sign Ray's state with a per-user key (toolkit.tune); the suite's sweeps use one in
+    a temp folder, never the key in the home folder of whoever runs the tests. Every CLI the
+    tests start inherits it."""
+    key = tmp_path_factory.mktemp("tune-key") / "tune.key"
+    old = os.environ.get("TOOLKIT_TUNE_KEY")
+    os.environ["TOOLKIT_TUNE_KEY"] = str(key)
+    yield key
+    if old is None:
+        os.environ.pop("TOOLKIT_TUNE_KEY", None)
+    else:
+        os.environ["TOOLKIT_TUNE_KEY"] = old
 
 
 @pytest.fixture(scope="session")

@@ -190,6 +190,7 @@ def test_search_pairs_and_grid_on_image_files(zoo_features, tmp_path):
                         "--grid", str(tmp_path / "grid.png"), "--json", str(tmp_path / "r.json")]))
     res = json.loads((tmp_path / "r.json").read_text())[0]["results"]
     assert res[0]["path"].endswith("grey.png") and res[0]["cosine"] == pytest.approx(1.0, abs=1e-5)  # itself
+    assert res[0]["euclidean"] == 0.0  # not sqrt(2 - 2 * 0.99999994) = 3.5e-4
     assert [r["rank"] for r in res] == [1, 2, 3] and res[0]["cosine"] >= res[1]["cosine"] >= res[2]["cosine"]
     assert "grey.png" in proc.stdout and (tmp_path / "grid.png").stat().st_size > 0
     pytest.importorskip("faiss")

@@ -129,11 +129,14 @@ def test_union_of_training_splits(root):
     assert len(s.train) == 30 and len(s.val) == 6 and s.meta["val_in_train"] is True
 
 
-def test_limit_keeps_the_first_n_of_each_split_in_path_order(root):
+def test_limit_keeps_a_stratified_subset_of_each_split_in_path_order(root):
     full, s = build(root), build(root, limit=4)
     assert (len(s.train), len(s.val), len(s.test)) == (4, 4, 4)
     for a, b in ((full.train, s.train), (full.val, s.val), (full.test, s.test)):
-        assert list(b.paths) == list(a.paths[:4]) and b.labels.tolist() == a.labels[:4].tolist()
+        where = {p: i for i, p in enumerate(a.paths)}
+        rows = [where[p] for p in b.paths]
+        assert rows == sorted(rows) and b.labels.tolist() == a.labels[rows].tolist()  # a subset, in path order
+        assert set(b.labels.tolist()) == {0, 1, 2}  # every class (the first 4 would be 2 classes)
     assert s.meta["sizes"] == {"train": 4, "val": 4, "test": 4}
 
 
@@ -234,15 +237,29 @@ def test_unreadable_image_is_named_at_build_time(root, kind, split):
     bad = root / split / "dog" / f"00_bad{ext}"
     write(bad)
     msg = one_line_error(root=root)
-    assert msg.startswith(f"config: data.root: 1 unreadable image(s), first: {bad} (") and msg.endswith(")")
+    assert msg.startswith(f"config: data.root: 1 unreadable image(s): {bad} (") and msg.endswith(")")
     assert reason in msg, msg
 
 
-def test_several_unreadable_images_are_counted_first_in_path_order(root):
+def test_several_unreadable_images_are_all_named_in_path_order(root):
     for p in (root / "val" / "emu" / "x.jpg", root / "test" / "cat" / "z.jpg", root / "train" / "dog" / "y.jpg"):
         p.write_bytes(b"")
     msg = one_line_error(root=root)
-    assert f"3 unreadable image(s), first: {root / 'train' / 'dog' / 'y.jpg'} (empty file)" in msg
+    assert (f"3 unreadable image(s): {root / 'train' / 'dog' / 'y.jpg'} (empty file), "
+            f"{root / 'val' / 'emu' / 'x.jpg'} (empty file), {root / 'test' / 'cat' / 'z.jpg'} (empty file)") in msg
+    # More than three: the first three in the line, every one in a file the line names.
+    extra = [root / "train" / "cat" / f"w{i}.jpg" for i in range(2)]
+    for p in extra:
+        p.write_bytes(b"")
+    msg = one_line_error(root=root)
+    assert "5 unreadable image(s): " in msg and " and 2 more, all listed in " in msg
+    listing = Path(msg.rsplit(" all listed in ", 1)[1])
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
+        str(p) for p in [*extra, root / "val" / "emu" / "x.jpg", root / "test" / "cat" / "z.jpg",
+                         root / "train" / "dog" / "y.jpg"])
+    listing.unlink()
+    for p in extra:
+        p.unlink()
     # With limit=2 the broken files are not part of any split, so nothing is refused.
     assert len(build(root, limit=2).train) == 2
 
@@ -251,7 +268,8 @@ def test_decompression_bomb_warning_is_an_error(root, monkeypatch):
     # 40 x 30 = 1,200 pixels: over the limit but under twice it, where Pillow only warns.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     msg = one_line_error(root=root, limit=2)
-    assert msg.startswith("config: data.root: 6 unreadable image(s), first: ") and "DecompressionBomb" in msg
+    assert msg.startswith("config: data.root: 6 unreadable image(s): ") and "DecompressionBomb" in msg
+    Path(msg.rsplit(" all listed in ", 1)[1]).unlink()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)  # at the limit: fine
     build(root, limit=2)
 

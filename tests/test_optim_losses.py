@@ -131,7 +131,7 @@ def test_every_schedule_state_dict_round_trips(name):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("sched.step_size=0", "sched.step_size"), ("sched.warmup_epochs=10", "sched.warmup_epochs"),
+    ("sched.step_size=0", "sched.step_size"), ("sched.warmup_epochs=-1", "sched.warmup_epochs"),
     ("sched.min_lr_factor=2", "sched.min_lr_factor"),
     ("sched.name=onecycle sched.milestones=[] sched.warmup_epochs=1", "sched.warmup_epochs"),
     ("sched.pct_start=1", "sched.pct_start"),

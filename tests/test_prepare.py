@@ -220,11 +220,16 @@ def test_manifest_and_file_format(folder, out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
-def test_limit_union_val_in_train_and_image_size(out):
+def test_limit_union_val_in_train_and_image_size(folder, out):
     s = build("prepared", out, limit=5, image_size=SIZE)
     assert (len(s.train), len(s.val), len(s.test)) == (5, 5, 5)
     full = build("prepared", out)
-    assert torch.equal(s.train.images, full.train.images[:5])
+    # imagefolder's stratified subset, so both still feed the same images
+    b = build("imagefolder", folder, limit=5, image_size=SIZE)
+    where = {p: i for i, p in enumerate(build("imagefolder", folder, image_size=SIZE).train.paths)}
+    rows = [where[p] for p in b.train.paths]
+    assert torch.equal(s.train.images, full.train.images[rows]) and torch.equal(s.train.labels, b.train.labels)
+    assert set(s.train.labels.tolist()) == {0, 1, 2}
     s = build("prepared", out, train_splits=["train", "val", "extra"])
     assert len(s.train) == 12 + 6 + 6 and s.meta["val_in_train"] is True
     assert torch.equal(s.train.images[12:18], s.val.images)
@@ -352,7 +357,7 @@ def test_cli_refuses_a_bad_source_image_and_writes_nothing(folder, tmp_path, kin
      "bomb": lambda: bad.write_bytes(png_bomb(100_000, 100_000))}[kind]()
     out = tmp_path / "p"
     line = prepare_in_process(capsys, "--root", str(src), "--image-size", str(SIZE), "--out", str(out))
-    assert line.startswith(f"error: --root: 1 unreadable image(s), first: {bad} (")
+    assert line.startswith(f"error: --root: 1 unreadable image(s): {bad} (")
     assert {"truncated_jpeg": "truncated", "empty": "empty file", "bomb": "DecompressionBomb"}[kind] in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no OUT, no partial folder
 

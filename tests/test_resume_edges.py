@@ -24,9 +24,11 @@ def test_a_fresh_run_refuses_a_used_run_directory(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     proc = train([*TWO, f"run.dir={run}"], timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: config: run.dir: {run} already holds a run; continue it with train.resume=auto "
-        "or choose another run.dir")
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: config: run.dir: {run} is not empty (it holds model.safetensors, summary.json, "
+                           "checkpoints, ") and line.endswith(
+        "a new run writes only into an empty directory: continue that run with train.resume=auto, "
+        "or choose an empty or new run.dir")
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}  # nothing touched
 
 

@@ -157,3 +157,15 @@ def test_unknown_labels_and_queries_without_relevant_images():
         retrieval_metrics(gf[:1], torch.tensor([-1]), gf, gl, [1])
     with pytest.raises(ConfigError, match="--topk"):
         retrieval_metrics(gf, gl, gf, gl, [10], leave_one_out=True)  # gallery minus the query is 9
+
+
+def test_euclidean_from_a_rounded_cosine_of_itself_is_zero():
+    import torch
+
+    from toolkit.retrieve import euclidean_from_cosine
+
+    v = torch.nn.functional.normalize(torch.randn(50, 2048), dim=1)
+    cos = (v * v).sum(1)  # float32: a unit vector with itself, rounded (0.99999994 .. 1.0000001)
+    assert all(euclidean_from_cosine(c) == 0.0 for c in cos.tolist())
+    assert euclidean_from_cosine(0.0) == pytest.approx(2 ** 0.5) and euclidean_from_cosine(-1.0) == 2.0
+    assert euclidean_from_cosine(0.9999) == pytest.approx((2 - 2 * 0.9999) ** 0.5)

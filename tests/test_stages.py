@@ -39,13 +39,20 @@ def test_a_sweep_can_replace_the_stages():
     assert new.train.epochs == 3 and resolve_stages(new)[0].name == "stage0"
 
 
+def test_a_stage_drops_its_milestones_past_its_end():
+    cfg = load_config(DEMO, ["sched.milestones=[]", "train.stages=[{epochs: 2, sched: {milestones: [2]}}]"])
+    (stage,) = resolve_stages(cfg)
+    assert stage.cfg.sched.milestones == [] and stage.notes == [
+        "train.stages[0].sched.milestones: [2] at or past the end of the run's 2 epoch(s): dropped"]
+
+
 @pytest.mark.parametrize("override, expected", [
     ("train.stages=[{epochs: 0}]", "config: train.stages[0].epochs: must be >= 1, got 0"),
     ("train.stages=[{epochs: 2, loss: {nme: x}}]", "config: train.stages[0].loss.nme: Key 'nme' not in 'LossConfig'"),
     ("train.stages=[{epochs: 2, freeze: x}]", "config: train.stages[0].freeze: unknown mode 'x'"),
     ("train.stages=[{epochs: 2, optim: {name: lbfgs}}]", "config: train.stages[0].optim.name: unknown optimizer 'lbfgs'"),
     ("train.stages=[{epochs: 2, data: {batch_size: 8}}]", "config: train.stages[0].data: a stage may set only"),
-    ("train.stages=[{epochs: 2, sched: {milestones: [2]}}]", "config: train.stages[0].sched.milestones: milestone 2"),
+    ("train.stages=[{epochs: 2, sched: {milestones: [0]}}]", "config: train.stages[0].sched.milestones: milestone 0"),
     ("train.stages=[{epochs: 2, bogus: 1}]", "config: train.stages: unknown key 'bogus' in a stage"),
     ("train.stages=[{name: a, epochs: 1}, {name: a, epochs: 1}]", "config: train.stages[1].name: 'a' is used"),
 ])
@@ -78,11 +85,12 @@ def test_two_stages_train_what_each_stage_says(tmp_path):
     epochs = [r for r in metrics(run) if r["kind"] == "epoch"]
     assert [r["stage"] for r in epochs] == ["features", "features", "head", "head"]
     steps = [r["step"] for r in epochs]
-    # lr after each logged step, rounded
+    # the lr each logged step trained with, rounded
     lrs = {r["step"]: round(r["lr"], 8) for r in metrics(run) if r["kind"] == "train"}
     assert {lrs[s] for s in lrs if s <= steps[1]} == {0.01}  # stage 1: the top-level lr
-    assert {lrs[s] for s in lrs if steps[1] < s < steps[2]} == {0.05}  # stage 2's own lr
-    assert {lrs[s] for s in lrs if s >= steps[2]} == {0.005}  # its milestone, 1 epoch in
+    assert {lrs[s] for s in lrs if steps[1] < s <= steps[2]} == {0.05}  # stage 2's own lr
+    assert {lrs[s] for s in lrs if s > steps[2]} == {0.005}  # its milestone, 1 epoch in
+    assert [round(r["lr"], 8) for r in epochs] == [0.01, 0.01, 0.05, 0.005]
     e1, e2, final = _ckpt_weights(run, steps[0]), _ckpt_weights(run, steps[1]), weights(run / "model.safetensors")
     head = [k for k in final if k.startswith("classifier.")]
     body = [k for k in final if not k.startswith("classifier.")]

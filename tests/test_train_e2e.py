@@ -162,7 +162,7 @@ BAD = [
     (["optim.lr=-0.1"], "optim.lr: must be > 0 and finite"),
     (["data.batch_size=0"], "data.batch_size: must be >= 1"),
     (["train.epochs=0"], "train.epochs: must be >= 1"),
-    (["sched.milestones=[30]"], "sched.milestones: milestone 30 must fall inside the run: 0 < milestone < train.epochs (20)"),
+    (["sched.milestones=[0]"], "sched.milestones: milestone 0 must be > 0"),
     (["model.name=resnet1"], "config: model.name: unknown model 'resnet1'; choose one of: base_cnn, lenet,"),
     (["train.resume=/nonexistent/ckpt"], "train.resume: no such checkpoint directory"),
     (["data.root=/nonexistent/data"], "data.root: no such directory"),

@@ -5,9 +5,10 @@
 from __future__ import annotations
 
 import functools
+import pickle
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -86,3 +87,26 @@ def restore_shared_rng(accelerator: Accelerator, path: Path) -> None:
         torch.cuda.set_rng_state(cuda[0], device=accelerator.device)
     if "step" in states:
         accelerator.step = states["step"]
+
+
+# The files of a checkpoint that Accelerate's load_state reads with torch.load (optimizer.bin,
+# scheduler.bin, sampler.bin, scaler.pt, random_states_N.pkl, custom_checkpoint_N.pkl, and
+# pytorch_model.bin when there is no model.safetensors).
+PICKLED_STATE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+
+
+def refused_state_file(path: Path) -> Optional[Tuple[Path, BaseException]]:
+    """The first file of checkpoint PATH that Accelerate's loader refuses, with the refusal; None
+    when it refuses none. For the error message only: load_state's UnpicklingError does not say
+    which file it was reading. Relies on `accelerate.utils.other.load` (torch.load with
+    weights_only=True and numpy's types allowed, the loader load_state uses), so nothing is
+    unpickled here that load_state would not have unpickled."""
+    from accelerate.utils.other import load as accelerate_load
+
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in PICKLED_STATE_SUFFIXES:
+            try:
+                accelerate_load(f, map_location="cpu")
+            except pickle.UnpicklingError as e:
+                return f, e
+    return None

@@ -4,7 +4,7 @@ Layout: RUN/checkpoints/step_N/ holds Accelerate's state (model in safetensors, 
 scheduler, scaler, every rank's RNG), trainer_state.json (epoch, position in the epoch, best
 metric), config.yaml, and COMPLETE.json: the size and SHA-256 of every file. A checkpoint is
 written to `.tmp-step_N` and renamed only when complete, so a crash mid-save never leaves a
-directory that looks complete; a truncated or altered file fails the checksum at resume and
+directory that looks complete (and a full disk removes it: one DiskFullError line); a truncated or altered file fails the checksum at resume and
 the previous checkpoint is used. Loading goes through Accelerate, which reads safetensors and
 `torch.load(weights_only=True)` only.
 """
@@ -12,12 +12,14 @@ the previous checkpoint is used. Loading goes through Accelerate, which reads sa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from safetensors.torch import save_file
 
+from toolkit.errors import DiskFullError, disk_full
 from toolkit.rundir import CONFIG, replace_dir, sha256, write_atomic_text
 
 MARKER = "COMPLETE.json"
@@ -89,6 +91,27 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
     state (the EMA weights), covered by the completion marker like every other file."""
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}"
+    try:
+        _write(accelerator, tmp, final, step, state, config_yaml, extra)
+    except Exception as e:
+        # Judged before the half-written directory is removed: its bytes are what filled the disk.
+        full = disk_full(e, final)
+        shutil.rmtree(tmp, ignore_errors=True)  # whichever rank failed: never leave a half checkpoint
+        if full is None:
+            raise
+        raise DiskFullError(final, full.reason, "; the half-written checkpoint was removed and earlier ones are "
+                            f"intact: free space, then continue with train.resume=auto run.dir={root.parent}") from e
+    if accelerator.is_main_process:
+        # (final exists when the same step is saved again after resuming past a bad checkpoint)
+        replace_dir(tmp, final, root / f"{OLD}{step}")
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write(accelerator, tmp: Path, final: Path, step: int, state: Dict[str, Any], config_yaml: str,
+           extra: Optional[Dict[str, Dict[str, Any]]]) -> None:
+    """Everything of checkpoint `step` into `tmp`, its completion marker last. Collective."""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -100,14 +123,13 @@ def save(accelerator, root: Path, step: int, state: Dict[str, Any], config_yaml:
         write_atomic_text(tmp / CONFIG, config_yaml)
         for name, tensors in (extra or {}).items():
             save_file(tensors, str(tmp / name))
+        if os.environ.get("TOOLKIT_FAULT_NO_SPACE"):  # the suite's full disk, once the big files are written
+            from toolkit.faults import no_space
+
+            no_space(final)
         files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         write_atomic_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
-        # (final exists when the same step is saved again after resuming past a bad checkpoint)
-        replace_dir(tmp, final, root / f"{OLD}{step}")
-        _prune(root, keep_last)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -128,7 +128,8 @@ class DataConfig:
     decode: Decode = Decode.workers  # imagefolder: workers (decode + resize per image) | device (JPEGs decoded in batches where the batch lands)
     drop_last: bool = True  # training only; keeps every step's global batch full
     split_seed: int = 0  # fixed split, independent of run.seed
-    limit: Optional[int] = None  # keep the first N samples of each split (smoke runs)
+    limit: Optional[int] = None  # keep N samples of each split (smoke runs): image folders and prepared take a
+    # stratified subset seeded by split_seed; digits, cifar and synthetic (mixed class order) their first N
     augment: str = "none"  # training-batch augmentation: none | crop
     sampler: Sampler = Sampler.random  # random | pk (P classes x K images per batch, for triplet losses)
     pk_k: int = 4  # pk: images per class in a batch; P = batch_size / pk_k
@@ -333,13 +334,60 @@ def _dotlist_layer(dotlist: Sequence[str]) -> Any:
             value = parse_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(f"override {o!r}: the value is not valid YAML") from None
+        _refuse_interpolation(value, key)
         OmegaConf.update(layer, key, value, merge=True)
     return layer
 
 
-def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) -> tuple:
-    """Dataclass defaults < YAML < overrides, typed and strict -> (object, yaml layers, dotlist)."""
-    layers = []
+def _refuse_interpolation(value: Any, key: str) -> None:
+    """OmegaConf would resolve `${...}` in a value (`${oc.env:HOME}`, `${data.root}`) and write
+    the result into config.yaml, TensorBoard and folder names: the run would not record what the
+    user wrote, and a shared config could read the environment. Values are taken literally."""
+    if isinstance(value, str) and "${" in value:
+        raise ConfigError(f"config: {key}: {value!r} looks like an interpolation (${{...}}), which is "
+                          "not supported; write the value itself")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_interpolation(v, f"{key}.{k}" if key else str(k))
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_interpolation(v, f"{key}[{i}]")
+
+
+def _indexed(override: str) -> bool:
+    """`a.0.b=v` names an entry of a list; a merged layer would turn the list into a mapping."""
+    return any(part.isdigit() for part in override.partition("=")[0].split("."))
+
+
+def _update_entry(merged: Any, override: str) -> None:
+    key, _, text = override.partition("=")
+    value = _dotlist_layer([f"x.y={text}"]).x.y  # read like any override's value
+    _refuse_interpolation(value, key)
+    parts = key.split(".")
+    if parts[-1].isdigit():
+        head = ".".join(parts[:-1])
+        raise ConfigError(f"config: {key}: set the whole list with {head}=[...] or one key of an entry, "
+                          f"e.g. {key}.epochs=1")
+    node, where = merged, []
+    for part in parts[:-1]:
+        if part.isdigit():
+            size = len(node) if OmegaConf.is_list(node) else 0
+            if int(part) >= size:
+                raise ConfigError(f"config: {key}: {'.'.join(where)} has {size} entr{'y' if size == 1 else 'ies'}")
+            node = node[int(part)]
+        else:
+            node = node[part] if part in node else None
+            if node is None:
+                break
+        where.append(part)
+    OmegaConf.update(merged, key, value, merge=True)
+
+
+def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str],
+                 base: Optional[Dict[str, Any]] = None) -> tuple:
+    """Dataclass defaults < base (a resumed run's own config) < YAML < overrides, typed and
+    strict -> (object, yaml layers, dotlist)."""
+    layers = [] if base is None else [base]
     if path is not None:
         data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
         data.setdefault("run", {})
@@ -347,24 +395,32 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str]) ->
             data["run"].setdefault("name", Path(path).stem)
         layers.append(data)
     dotlist = _parse_overrides(overrides)
+    for layer in layers:
+        _refuse_interpolation(layer, "")
     try:
         merged = OmegaConf.structured(schema)
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
-        if dotlist:
-            merged = OmegaConf.merge(merged, _dotlist_layer(dotlist))
+        plain = [o for o in dotlist if not _indexed(o)]
+        if plain:
+            merged = OmegaConf.merge(merged, _dotlist_layer(plain))
+        for o in dotlist:  # `train.stages.0.epochs=1`: into the list entry, after the layers
+            if _indexed(o):
+                _update_entry(merged, o)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
     return obj, layers, dotlist
 
 
-def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """YAML file (optional) + `section.key=value` overrides -> validated Config."""
-    cfg, layers, dotlist = merge_layers(Config, path, overrides)
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = (),
+                base: Optional[Dict[str, Any]] = None) -> Config:
+    """YAML file (optional) + `section.key=value` overrides -> validated Config. `base`: a
+    config (nested dicts, e.g. a checkpoint's config.yaml) that stands in for the defaults."""
+    cfg, layers, dotlist = merge_layers(Config, path, overrides, base)
     # train.epochs counts as given when it is set in the layer that sets the stages, or later.
     explicit = any(o.startswith("train.epochs=") for o in dotlist) or (
-        not any(o.startswith("train.stages=") for o in dotlist)
+        not any(o.startswith(("train.stages=", "train.stages.")) for o in dotlist)
         and any(isinstance(layer.get("train"), dict) and "epochs" in layer["train"] for layer in layers))
     _derive_epochs(cfg, explicit)
     validate(cfg)
@@ -391,6 +447,7 @@ class Stage:
     start: int
     end: int
     cfg: Config  # cfg.train.epochs is the stage's length; cfg.train.stages is empty
+    notes: List[str] = field(default_factory=list)  # what shorten_schedule cut, for the log and summary
 
 
 def _stage_error(e: ConfigError, key: str) -> ConfigError:
@@ -405,7 +462,8 @@ def resolve_stages(cfg: Config) -> List[Stage]:
     """The run's stages, each with its merged and validated settings. Without train.stages:
     one stage, "main", with the top-level settings."""
     if not cfg.train.stages:
-        return [Stage(0, "main", 0, cfg.train.epochs, cfg)]
+        short, notes = shorten_schedule(cfg, "sched")
+        return [Stage(0, "main", 0, cfg.train.epochs, short, notes)]
     base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stages=[]))
     out: List[Stage] = []
     start = 0
@@ -426,11 +484,33 @@ def resolve_stages(cfg: Config) -> List[Stage]:
             validate(stage_cfg)
         except ConfigError as e:
             raise _stage_error(e, key) from None
+        stage_cfg, notes = shorten_schedule(stage_cfg, f"{key}.sched")
         name = st.name or f"stage{i}"
         _need(name not in {s.name for s in out}, f"{key}.name", f"{name!r} is used by an earlier stage")
-        out.append(Stage(i, name, start, start + st.epochs, stage_cfg))
+        out.append(Stage(i, name, start, start + st.epochs, stage_cfg, notes))
         start += st.epochs
     return out
+
+
+def shorten_schedule(cfg: Config, key: str) -> tuple:
+    """A schedule made for a longer run, fitted to this one -> (config, notes): milestones at or
+    past the end are dropped (they would never fire) and a warm-up as long as the run is cut so
+    the last epoch trains at the full rate. A shortened smoke run or sweep then just works, and
+    the notes say what changed (printed at the start, kept in summary.json's `warnings`)."""
+    s, epochs = cfg.sched, cfg.train.epochs
+    notes = []
+    kept = [m for m in s.milestones if m < epochs]
+    if len(kept) < len(s.milestones):
+        dropped = [m for m in s.milestones if m >= epochs]
+        notes.append(f"{key}.milestones: {dropped} at or past the end of the run's {epochs} epoch(s): dropped")
+    warmup = s.warmup_epochs
+    if warmup >= epochs and warmup > 0:
+        warmup = float(max(epochs - 1, 0))
+        notes.append(f"{key}.warmup_epochs: {s.warmup_epochs:g} is not shorter than the run's {epochs} epoch(s): "
+                     f"cut to {warmup:g}")
+    if not notes:
+        return cfg, notes
+    return dataclasses.replace(cfg, sched=dataclasses.replace(s, milestones=kept, warmup_epochs=warmup)), notes
 
 
 def stage_at(stages: List[Stage], epoch: int) -> Stage:
@@ -458,8 +538,10 @@ def validate(cfg: Config) -> None:
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
     _need(0 <= d.label_noise <= 1, "data.label_noise", f"must be in [0, 1], got {d.label_noise}")
-    _need(d.image_size is None or d.image_size >= 8, "data.image_size",
-          f"must be >= 8 or null, got {d.image_size}")
+    from toolkit.data.imagefolder import MAX_IMAGE_SIZE  # why 4096: see there
+
+    _need(d.image_size is None or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+          f"must be in [8, {MAX_IMAGE_SIZE}] or null, got {d.image_size}")
     _need(len(d.train_splits) >= 1 and all(d.train_splits), "data.train_splits",
           f"must name at least one split folder, got {list(d.train_splits)}")
     _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0 and finite, got {o.lr}")
@@ -467,8 +549,9 @@ def validate(cfg: Config) -> None:
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _need(0 < s.gamma <= 1, "sched.gamma", f"must be in (0, 1], got {s.gamma}")
     _need(s.step_size >= 1, "sched.step_size", f"must be >= 1, got {s.step_size}")
-    _need(0 <= s.warmup_epochs < t.epochs or bool(t.stages), "sched.warmup_epochs",
-          f"must be in [0, train.epochs={t.epochs}), got {s.warmup_epochs}")
+    # A warm-up as long as the run, or milestones past its end, are cut when the stages are
+    # resolved (shorten_schedule), so that a shortened run (train.epochs=2) just works.
+    _need(s.warmup_epochs >= 0, "sched.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
     _need(s.warmup_epochs == 0 or s.name != "onecycle", "sched.warmup_epochs",
           "onecycle has its own warmup (sched.pct_start); leave warmup_epochs at 0")
     _need(0 <= s.min_lr_factor <= 1, "sched.min_lr_factor", f"must be in [0, 1], got {s.min_lr_factor}")
@@ -486,9 +569,8 @@ def validate(cfg: Config) -> None:
           f"{d.batch_size} must be a multiple of data.pk_k ({d.pk_k}) for the pk sampler")
     _need(0 <= cfg.loss.label_smoothing < 1, "loss.label_smoothing",
           f"must be in [0, 1), got {cfg.loss.label_smoothing}")
-    for m in s.milestones if not t.stages else ():  # with stages, each stage checks its own
-        _need(0 < m < t.epochs, "sched.milestones",
-              f"milestone {m} must fall inside the run: 0 < milestone < train.epochs ({t.epochs})")
+    for m in s.milestones:
+        _need(m > 0, "sched.milestones", f"milestone {m} must be > 0 (epochs from the start of the run or stage)")
     _need(list(s.milestones) == sorted(set(s.milestones)), "sched.milestones",
           f"must be strictly increasing, got {list(s.milestones)}")
     _need(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")

@@ -1,6 +1,9 @@
 """Errors the CLIs turn into one line on stderr and a non-zero exit (`run_cli`)."""
 
-from typing import Callable, Optional, Tuple, TypeVar
+import errno
+import os
+from pathlib import Path
+from typing import Callable, Optional, Tuple, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -24,22 +27,79 @@ class NonFiniteLossError(ToolkitError):
 
 
 class PreemptedError(ToolkitError):
-    """The run was asked to stop (SIGUSR1, a RUN/.preempt file, or SIGTERM) and saved a
+    """The run was asked to stop (SIGUSR1, a RUN/.preempt file, SIGTERM or Ctrl-C) and saved a
     checkpoint first; `train.resume=auto` on the same run directory continues it exactly."""
 
-    exit_code = 4  # SIGTERM: 143, as a process ended by SIGTERM reports
+    exit_code = 4  # SIGTERM: 143 and Ctrl-C: 130, as a process ended by that signal reports
 
-    def __init__(self, message: str, exit_code: int = 4):
+    def __init__(self, message: str, exit_code: int = 4, label: str = "preempted"):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.label = exit_code, label
+
+
+class DiskFullError(ToolkitError):
+    """A write failed for lack of space (or quota). Whatever was half-written has been removed;
+    earlier checkpoints are untouched, so `train.resume=auto` continues once space is freed."""
+
+    exit_code = 1
+
+    def __init__(self, path: Union[str, Path, None], reason: str = "no space left on device", hint: str = ""):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}{hint}" if path else f"{reason}{hint}")
+
+
+# How much free space still counts as full after a failed write: a write that fails for space
+# has just used up what was left, give or take a few blocks and what the filesystem holds back.
+NEARLY_FULL_BYTES = 16 << 20
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def free_bytes(path: Union[str, Path]) -> Optional[int]:
+    """Bytes this process may still write on `path`'s filesystem (root may use the blocks the
+    filesystem reserves for it), or None when the nearest existing parent cannot be asked."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    return None
+
+
+def disk_full(exc: BaseException, path: Union[str, Path, None]) -> Optional[DiskFullError]:
+    """The DiskFullError that `exc`, raised while writing `path` (the name the user knows, not
+    a temp file's), really is; None if it is not. Without a path, the exception's own filename.
+
+    OSError carries errno (ENOSPC, EDQUOT); one without errno is not judged by its words.
+    safetensors writes through Rust and says "No space left on device (os error 28)". torch.save writes through C++ and says only
+    "unexpected pos 576 vs 534" or "file write failed" (torch 2.14), with no errno: for those,
+    a nearly full filesystem after the failure is the evidence."""
+    if isinstance(exc, DiskFullError):  # already judged by a write further down
+        return exc
+    reason = _NO_SPACE.get(getattr(exc, "errno", None))
+    text = str(exc)
+    if reason is None and "os error 28)" in text:  # Rust's io::Error: "No space left on device (os error 28)"
+        reason = _NO_SPACE[errno.ENOSPC]
+    if reason is None and "os error 122)" in text:  # ... "Disk quota exceeded (os error 122)"
+        reason = _NO_SPACE[errno.EDQUOT]
+    if (reason is None and path is not None and isinstance(exc, RuntimeError)
+            and ("inline_container" in text or "write failed" in text)):
+        free = free_bytes(path)
+        if free is not None and free < NEARLY_FULL_BYTES:
+            reason = _NO_SPACE[errno.ENOSPC]
+    if reason is None:
+        return None
+    return DiskFullError(path if path is not None else getattr(exc, "filename", None), reason)
 
 
 def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
     """Run a CLI's work the way every launcher-facing command here does -> (exit code, result).
 
     ToolkitError: its message as one `error:` line and its exit code. PreemptedError: a
-    `preempted:` line from rank 0 and 4 (143 on SIGTERM): not a failure, the run saved itself.
-    Ctrl-C: 130. Anything else is a bug or a dying peer: the traceback, then one line that names
+    `preempted:` line from rank 0 and 4 (143 on SIGTERM; `interrupted:` and 130 on a first
+    Ctrl-C): not a failure, the run saved itself. A KeyboardInterrupt (a second Ctrl-C, or one
+    outside training): `error: interrupted` and 130. Anything else is a bug or a dying peer: the traceback, then one line that names
     the rank (`RANK`, set by torchrun), and 1."""
     import os
     import sys
@@ -50,7 +110,7 @@ def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
         return 0, work()
     except PreemptedError as e:
         if rank == "0":
-            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         return e.exit_code, None
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -59,6 +119,10 @@ def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130, None
     except Exception as e:
+        full = disk_full(e, None)  # a write not made through toolkit.rundir: still one line, no traceback
+        if full is not None:
+            print(f"error: rank {rank}: {full}", file=sys.stderr, flush=True)
+            return full.exit_code, None
         traceback.print_exc()
         print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1, None

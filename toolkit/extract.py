@@ -13,6 +13,18 @@ once, in dataset order, whatever the world size. Rerunning the same command skip
 that is complete and intact and finishes the rest; a rerun with different settings that would
 change the features is refused. Images that do not decode are listed in bad_images.txt.
 
+One extraction per run directory: rank 0 holds its lock (RUN/.lock, toolkit.rundir.run_lock, the
+one training holds) from before the first write to the end, so a second extraction into the same
+directory stops with the holder's pid and touches nothing. Every check (settings against an
+earlier attempt, the run's preprocessing, sizes, one forward pass of a blank image) comes before
+the features directory is created. An earlier attempt that crashed before completing any shard
+is the toolkit's own unfinished output: a rerun with other settings starts it over.
+
+With `model.run=RUN` the images are prepared as RUN's were in training (RUN/data.json: image
+size, channels, mean/std): a folder is resized to the run's size and normalised with its
+statistics, a dataset split is normalised with them; an explicit data.image_size that differs
+is refused.
+
 Exit codes: 0 done, 1 runtime failure (a dead rank included), 2 bad config or path.
 """
 
@@ -30,10 +42,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from toolkit.config import ExtractConfig, load_extract_config, to_flat, to_yaml
+from toolkit.data.imagefolder import DEFAULT_IMAGE_SIZE, check_decoded_batch, check_image_size
 from toolkit.errors import ConfigError
 from toolkit.features import (META, SHARDS, Extractor, ShardWriter, build_model, load_run_config, shard_marker,
                               shard_name, shard_ranges, write_manifest)
-from toolkit.rundir import write_atomic_text
+from toolkit.features.extractor import run_preprocess
+from toolkit.rundir import run_lock, write_atomic_text
 
 # Settings that do not change a feature value: a rerun may change them.
 _FREE_KEYS = ("run.name", "run.dir", "data.batch_size", "data.num_workers", "data.loader", "extract.dist_timeout_s")
@@ -48,29 +62,122 @@ def fingerprint(cfg: ExtractConfig) -> Dict[str, Any]:
 # data
 
 
-def build_source(cfg: ExtractConfig, run_image_size: Optional[int] = None):
-    """The collection to extract, in the (x | None, label, index, reason) item format."""
+def build_source(cfg: ExtractConfig, pre: Optional[Dict[str, Any]] = None):
+    """The collection to extract, in the (x | None, label, index, reason) item format, prepared
+    as `pre` (the trained run's preprocessing, `run_preprocessing`) says when given."""
     from toolkit.data.collection import ImageCollection, SplitAsCollection
+    from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD
 
     d = cfg.data
+    size = _image_size(cfg, pre)
     if d.name == "folder":
-        return ImageCollection(d.root, image_size=d.image_size or run_image_size or 224, limit=d.limit)
+        mean, std = (pre["mean"], pre["std"]) if pre else (IMAGENET_MEAN, IMAGENET_STD)
+        return ImageCollection(d.root, image_size=size or DEFAULT_IMAGE_SIZE, mean=mean, std=std, limit=d.limit)
     from toolkit.data import DATASETS
 
     if d.root is not None and not Path(d.root).is_dir() and not d.download:
         raise ConfigError(f"config: data.root: no such directory: {d.root}")
-    splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit, download=d.download,
-                            image_size=d.image_size, train_splits=["train"])
+    try:
+        splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit, download=d.download,
+                                image_size=size, train_splits=["train"])
+    except ConfigError as e:
+        if d.image_size is None and pre is not None and str(e).startswith("config: data.image_size"):
+            raise ConfigError(f"config: model.run: {cfg.model.run} was trained on {size} px images, which "
+                              f"data.name={d.name} cannot give ({e})") from None  # the size was not the user's
+        raise
     split = str(d.split)  # the plain word, for meta.json and the manifest's paths
     preprocess = {"kind": "dataset", "dataset": d.name, "split": split,
                   **{k: splits.meta[k] for k in ("image_size", "mean", "std") if k in splits.meta}}
-    return SplitAsCollection(getattr(splits, split), d.name, split, splits.class_names, preprocess)
+    source = SplitAsCollection(getattr(splits, split), d.name, split, splits.class_names, preprocess)
+    if pre is not None:
+        _normalise_as_run(source, pre, cfg.model.run)
+    return source
 
 
-def _run_image_size(cfg: ExtractConfig) -> Optional[int]:
+def _image_size(cfg: ExtractConfig, pre: Optional[Dict[str, Any]]) -> Optional[int]:
+    """The size asked for: data.image_size, else the run's, else None (the dataset's own)."""
+    if cfg.data.image_size is not None:
+        return cfg.data.image_size
+    return pre["image_size"] if pre else None
+
+
+def run_preprocessing(cfg: ExtractConfig) -> Optional[Dict[str, Any]]:
+    """`model.run`'s image size, channels and mean/std (toolkit.features.extractor.run_preprocess),
+    checked against what the extraction config asks for; None without model.run."""
     if cfg.model.run is None:
         return None
-    return load_run_config(Path(cfg.model.run)).data.image_size
+    run = Path(cfg.model.run)
+    load_run_config(run)  # "not a finished training run" first: it says more than a missing data.json
+    pre = run_preprocess(run)
+    if pre["channels"] != 3:
+        raise ConfigError(f"config: model.run: {run} was trained on {pre['channels']}-channel images; extraction "
+                          "feeds 3-channel RGB")
+    size = cfg.data.image_size
+    if size is not None and size != pre["image_size"]:
+        raise ConfigError(f"config: data.image_size: {size}, but model.run {run} was trained on "
+                          f"{pre['image_size']} px images; leave data.image_size out to use the run's")
+    return pre
+
+
+def _normalise_as_run(source, pre: Dict[str, Any], run: str) -> None:
+    """Make a dataset split feed the model what it saw in training: the run's size (it cannot be
+    resized here: refused if it differs) and the run's mean/std in place of the dataset's own
+    (which differ when the run trained on another dataset, or the statistics came from another
+    split seed or limit)."""
+    from toolkit.data.base import Normalize
+
+    got = source.preprocess
+    if got.get("image_size") != pre["image_size"]:
+        raise ConfigError(f"config: data.name: {source.name} gives {got.get('image_size')} px images, but model.run "
+                          f"{run} was trained on {pre['image_size']} px images")
+    if [float(v) for v in got.get("mean", [])] == pre["mean"] and [float(v) for v in got.get("std", [])] == pre["std"]:
+        return  # the same statistics: keep the dataset's own path, bit for bit
+    if source.raw:  # uint8 items: the shared formula with the run's statistics
+        source.normalize = Normalize(pre["mean"], pre["std"])
+    else:  # float items normalised with the dataset's statistics: back to 0..1, then the run's
+        source.normalize = _Renormalize(got["mean"], got["std"], pre["mean"], pre["std"])
+    source.preprocess = {**got, "mean": pre["mean"], "std": pre["std"]}
+
+
+class _Renormalize:
+    """(B, C, H, W) float normalised with (mean_a, std_a) -> normalised with (mean_b, std_b):
+    x * std_a / std_b + (mean_a - mean_b) / std_b per channel. The two per-channel tensors are
+    copied to each device once (a host copy per batch would stall a GPU's queue)."""
+
+    def __init__(self, mean_a, std_a, mean_b, std_b):
+        ma, sa, mb, sb = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                          for v in (mean_a, std_a, mean_b, std_b))
+        self.scale, self.shift = sa / sb, (ma - mb) / sb  # (1, C, 1, 1)
+        self._on: Dict[torch.device, tuple] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        on = self._on.get(x.device)
+        if on is None:
+            on = self._on[x.device] = (self.scale.to(x.device), self.shift.to(x.device))
+        return x * on[0] + on[1]
+
+
+def check_sizes(cfg: ExtractConfig, size: Optional[int]) -> None:
+    """Bound the image side and the decoded batch before anything is decoded or allocated."""
+    if size is not None:
+        check_image_size(size, "config: data.image_size")
+        check_decoded_batch(cfg.data.batch_size, size, "config: data.batch_size")
+
+
+def check_model_takes(extractor: Extractor, size: Optional[int], run: Optional[str]) -> None:
+    """One forward pass of a blank (1, 3, S, S) image, before the features directory exists: a
+    model that cannot take S px images (LeNet's fixed head at another size) fails here in one
+    line rather than in the first batch, after files were written."""
+    if size is None:
+        return
+    try:
+        with torch.inference_mode():
+            extractor(torch.zeros(1, 3, size, size))
+    except RuntimeError as e:
+        hint = (f"model.run {run} is recorded at another size" if run else
+                "set data.image_size to the size the model was trained at")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config: data.image_size: the model cannot take {size} px images ({msg}); {hint}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -82,22 +189,52 @@ def features_dir(cfg: ExtractConfig) -> Path:
     return Path(base).absolute() / "features"
 
 
-def _check_rerun(out: Path, cfg: ExtractConfig) -> None:
-    """Refuse to mix features from two different settings in one directory."""
+def _has_work(out: Path) -> bool:
+    """A complete shard or a finished set: work a rerun keeps, never discards."""
+    return (out / META).exists() or ((out / SHARDS).is_dir() and any((out / SHARDS).glob("part-*.json")))
+
+
+def _check_rerun(out: Path, cfg: ExtractConfig) -> Optional[str]:
+    """Refuse to mix features from two different settings in one directory. -> None (nothing
+    there, or the same settings: go on), or the other settings of an earlier attempt that
+    completed nothing, a crashed toolkit run whose config.yaml the caller replaces."""
     stored = out / "config.yaml"
     if not stored.is_file():
         if (out / "shards").is_dir() and any((out / "shards").glob("part-*.json")):
             raise ConfigError(f"config: run.dir: {out} holds shards but no config.yaml; choose another run.dir")
-        return
+        return None
     try:
         old = load_extract_config(str(stored))
     except ConfigError:
         raise ConfigError(f"config: run.dir: {stored} is not an extraction config; choose another run.dir") from None
     a, b = fingerprint(old), fingerprint(cfg)
     diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        raise ConfigError(f"config: run.dir: {out} holds features extracted with other settings "
-                          f"({', '.join(f'{k}={a.get(k)!r}' for k in diff)}); rerun with those or choose another run.dir")
+    if not diff:
+        return None
+    other = ", ".join(f"{k}={a.get(k)!r}" for k in diff)
+    # Ours, byte for byte (what this module writes), and nothing done with it: safe to start over.
+    if not _has_work(out) and stored.read_text() == to_yaml(old):
+        return other
+    raise ConfigError(f"config: run.dir: {out} holds features extracted with other settings "
+                      f"({other}); rerun with those or choose another run.dir")
+
+
+def _claim(out: Path, cfg: ExtractConfig, stack: contextlib.ExitStack) -> None:
+    """Rank 0, after every check: hold the run directory's lock (a second extraction into it
+    stops here, having written nothing), then create the features directory and its config."""
+    base = out.parent
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"config: run.dir: cannot create {base}: {e.strerror}") from None
+    stack.enter_context(run_lock(base))
+    stale = _check_rerun(out, cfg)  # again, now that no one else can write here
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    if stale is not None:
+        print(f"extract: {out} holds an unfinished extraction with other settings ({stale}) and no complete "
+              "shard; starting over", flush=True)
+    if stale is not None or not (out / "config.yaml").is_file():
+        write_atomic_text(out / "config.yaml", to_yaml(cfg))
 
 
 def _use_device_loader(mode: str, source, accelerator) -> bool:
@@ -141,6 +278,11 @@ def _plan(n: int, shard_size: int, batch_size: int, todo: List[int]) -> List[tup
 
 def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     """Run the extraction (all ranks); rank 0 returns the summary once every shard is done."""
+    with contextlib.ExitStack() as stack:  # holds rank 0's lock on the run directory
+        return _extract(cfg, stack)
+
+
+def _extract(cfg: ExtractConfig, stack: contextlib.ExitStack) -> Dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, gather_object
     from torch.utils.data import DataLoader
@@ -157,9 +299,14 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config: run.dir: {out} exists and is not a directory")
     _check_rerun(out, cfg)  # on every rank, before anything is written
+    pre = run_preprocessing(cfg)
+    check_sizes(cfg, _image_size(cfg, pre) or (DEFAULT_IMAGE_SIZE if cfg.data.name == "folder" else None))
     model, model_record = build_model(cfg.model, cfg.run.seed)
-    source = build_source(cfg, _run_image_size(cfg))
+    source = build_source(cfg, pre)
+    size = source.preprocess.get("image_size")
+    check_sizes(cfg, size)  # the dataset's own size, where it chose one
     extractor = Extractor(model, e.layer, e.l2_normalize)
+    check_model_takes(extractor, size, cfg.model.run)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=e.precision,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=e.dist_timeout_s))])
@@ -168,9 +315,7 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
     on_device = _use_device_loader(cfg.data.loader, source, accelerator)  # before anything is written
     shards = out / SHARDS
     if main:
-        shards.mkdir(parents=True, exist_ok=True)
-        if not (out / "config.yaml").is_file():
-            write_atomic_text(out / "config.yaml", to_yaml(cfg))
+        _claim(out, cfg, stack)
     accelerator.wait_for_everyone()
 
     n = len(source)
@@ -247,9 +392,9 @@ def extract(cfg: ExtractConfig) -> Dict[str, Any]:
         if main:
             preempt.file.unlink(missing_ok=True)
         accelerator.end_training()
-        why = "SIGTERM" if stop == Preemption.TERM else "a preemption request"
-        raise PreemptedError(f"stopped on {why}; the shards written so far are kept in {out}; rerun the same "
-                             "command to finish", 143 if stop == Preemption.TERM else 4)
+        raise PreemptedError(f"stopped on {Preemption.why(stop)}; the shards written so far are kept in {out}; "
+                             "rerun the same command to finish", Preemption.exit_code(stop),
+                             label="interrupted" if stop == Preemption.INT else "preempted")
     summary: Dict[str, Any] = {}
     if main:
         summary = finalize(out, source, len(ranges), model_record, cfg, counts, world)

@@ -6,16 +6,23 @@ Set through environment variables, read once per run; all are off unless set.
   TOOLKIT_FAULT_NONFINITE_STEPS=A-B[@RANK]  make the loss NaN for optimizer steps A..B (1-based)
   TOOLKIT_FAULT_KILL_AT_SHARD=N[@RANK]   extraction: SIGKILL this process right after it wrote its Nth shard
   TOOLKIT_FAULT_STEP_SLEEP=SECONDS       sleep after every optimizer step (a slow run, to interrupt)
-RANK defaults to every rank. Steps count optimizer updates over the whole run.
+  TOOLKIT_FAULT_NO_SPACE=PATTERN[#K]     the Kth write (default 1st) to a path ending in PATTERN (a glob:
+                                         `metrics.jsonl`, `summary.json`, `checkpoints/step_8`) fails with
+                                         ENOSPC after its data went to the temp file: a full disk
+RANK defaults to every rank. Steps count optimizer updates over the whole run. NO_SPACE is read at
+each write (toolkit.rundir and toolkit.checkpoint ask only when it is set).
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -76,3 +83,17 @@ class Faults:
         """`written`: shards this process has written in this run, 1-based."""
         if self.kill_shard and self.kill_shard[0] == written and self.kill_shard[1] in (None, rank):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+_no_space_seen: Dict[str, int] = {}  # PATTERN -> matching writes so far in this process
+
+
+def no_space(path: Union[str, Path]) -> None:
+    """Raise OSError(ENOSPC) as the write to `path` would on a full disk, if
+    TOOLKIT_FAULT_NO_SPACE names it (see the module docstring)."""
+    pattern, _, k = (os.environ.get("TOOLKIT_FAULT_NO_SPACE") or "").partition("#")
+    if not pattern or not fnmatch.fnmatch(str(path), f"*{pattern}"):
+        return
+    _no_space_seen[pattern] = _no_space_seen.get(pattern, 0) + 1
+    if _no_space_seen[pattern] == int(k or 1):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -23,16 +23,23 @@ Output, OUT/:
     <split>.safetensors    labels (N,) int64, images (N, 3, S, S) uint8, streamed in blocks,
                            so memory stays at one block whatever the split's size
 
-Atomic: everything is written to a hidden `.OUT.partial-PID` beside OUT and renamed into place
+Atomic: everything is written to a hidden `.OUT.partial` beside OUT and renamed into place
 when complete, so an interrupted run never leaves an OUT that looks complete (the partial
 folder is removed on the way out). An existing OUT is refused unless `--force`, and even then
 only if it is a prepared folder (its manifest says so) or empty. The prepared copy does not
 follow later edits of ROOT: prepare again.
+
+One writer per OUT: the partial folder is this command's run directory, locked as training locks
+its own (toolkit.rundir.run_lock) before anything is checked or written, so a second prepare into
+the same OUT stops with the holder's pid and touches nothing; a partial folder left by a killed
+run is unlocked and is emptied and reused. The image side is bounded (`MAX_IMAGE_SIZE`), and a
+block holds at most what fits in a share of memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -46,11 +53,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from toolkit.data.imagefolder import BATCH_MEMORY_SHARE, check_image_size, memory_bytes
 from toolkit.data.prepared import FORMAT, MANIFEST, VERSION  # the reader owns the format
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.rundir import replace_dir, write_atomic, write_atomic_json
+from toolkit.rundir import LOCK, replace_dir, run_lock, write_atomic, write_atomic_json
 
 BLOCK = 256  # images decoded and written per block: (256, 3, 224, 224) uint8 is 37 MiB
+
+
+def block_size(image_size: int, memory: int) -> int:
+    """Images per block: BLOCK, or fewer where BLOCK images of this size would take more than
+    BATCH_MEMORY_SHARE of memory (a block is held as decoded uint8 and again as one stacked array)."""
+    per_image = 2 * 3 * image_size * image_size
+    return max(1, min(BLOCK, int(BATCH_MEMORY_SHARE * memory) // per_image)) if memory else BLOCK
 
 
 def _reword(e: ConfigError) -> ConfigError:
@@ -113,8 +128,8 @@ def _header(n: int, image_size: int, metadata: Dict[str, str]) -> bytes:
 
 def write_split(path: Path, paths: Sequence[str], labels: Sequence[int], image_size: int,
                 pool: ThreadPoolExecutor, metadata: Dict[str, str],
-                advance: Callable[[int], None] = lambda n: None) -> int:
-    """Decode `paths` in blocks on `pool` and stream them into one safetensors file; -> bytes."""
+                advance: Callable[[int], None] = lambda n: None, block: int = BLOCK) -> int:
+    """Decode `paths` in blocks of `block` on `pool` and stream them into one safetensors file; -> bytes."""
     from toolkit.data.images import load_resized
 
     def one(p: str) -> torch.Tensor:
@@ -123,11 +138,11 @@ def write_split(path: Path, paths: Sequence[str], labels: Sequence[int], image_s
     with open(path, "wb") as f:
         f.write(_header(len(paths), image_size, metadata))
         f.write(torch.tensor(list(labels), dtype=torch.int64).numpy().astype("<i8").tobytes())
-        for start in range(0, len(paths), BLOCK):
-            block = paths[start:start + BLOCK]
-            images = torch.stack(list(pool.map(one, block)))  # (b, 3, S, S) uint8
+        for start in range(0, len(paths), block):
+            some = paths[start:start + block]
+            images = torch.stack(list(pool.map(one, some)))  # (b, 3, S, S) uint8
             f.write(images.numpy().tobytes())
-            advance(len(block))
+            advance(len(some))
         f.flush()
         os.fsync(f.fileno())
     return path.stat().st_size
@@ -202,15 +217,61 @@ def _check_out(out: Path, force: bool) -> None:
                               "toolkit.prepare); refusing to replace it, even with --force")
 
 
+class _Partial:
+    """The locked `.OUT.partial` folder: removed on the way out unless it has become OUT (then
+    the name may already be another prepare's, which must not be touched)."""
+
+    def __init__(self, path: Path):
+        self.path, self.moved = path, False
+
+    def remove(self) -> None:
+        if not self.moved:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _staging(out: Path, stack: contextlib.ExitStack) -> _Partial:
+    """Create and lock `.OUT.partial` beside OUT (removed on the way out, however this ends).
+    Another prepare into OUT holds it: one line with its pid, and nothing of its is touched."""
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):  # not ours: never emptied
+        raise ConfigError(f"--out: {tmp} exists and is not a folder this command made; remove it or choose "
+                          "another --out")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create {tmp}: {e.strerror}") from None
+    try:
+        stack.enter_context(run_lock(tmp))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config: run.dir: ", "--out: ", 1).replace("choose another run.dir",
+                                                                                    "choose another --out")) from None
+    partial = _Partial(tmp)
+    stack.callback(partial.remove)  # ours from here on: a failure leaves nothing
+    for p in tmp.iterdir():  # what a killed run left (its lock is free, so it is gone): ours to remove
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return partial
+
+
 def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]] = None,
             workers: Optional[int] = None, force: bool = False, progress: str = "none") -> dict:
     """Write OUT (see the module docstring); returns the manifest."""
+    with contextlib.ExitStack() as stack:
+        return _prepare(root, image_size, out, splits, workers, force, progress, stack)
+
+
+def _prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]], workers: Optional[int],
+             force: bool, progress: str, stack: contextlib.ExitStack) -> dict:
     from PIL import Image
 
-    from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD, check_image
+    from toolkit.data.images import IMAGENET_MEAN, IMAGENET_STD, check_image, describe_bad_images
 
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"--image-size: {image_size!r} is not a positive integer")
+    check_image_size(image_size, "--image-size")
+    block = block_size(image_size, memory_bytes())
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ConfigError(f"--workers: {workers} is not a positive integer")
@@ -218,8 +279,10 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
     _check_out(out_path, force)
     class_names, parts = scan(root_path, splits, out_path)
     every = list(dict.fromkeys(p for paths, _ in parts.values() for p in paths))
+    partial = _staging(out_path, stack)
+    tmp = partial.path
+    _check_out(out_path, force)  # again, under the lock: another prepare may have finished meanwhile
     bar = _Progress(progress)
-    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the pool is the parallelism; intra-op threads would oversubscribe
     try:
@@ -232,11 +295,7 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
                 advance(len(every[start:start + BLOCK]))
             bad = [(p, r) for p, r in zip(every, reasons) if r is not None]
             if bad:
-                raise ConfigError(f"--root: {len(bad)} unreadable image(s), first: {bad[0][0]} ({bad[0][1]}); "
-                                  f"nothing written to {out_path}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
+                raise ConfigError(f"--root: {describe_bad_images(bad)}; nothing written to {out_path}")
             manifest = {"format": FORMAT, "version": VERSION, "image_size": image_size,
                         "class_names": class_names, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                         "source_root": str(root_path.resolve()), "splits": {}}
@@ -244,18 +303,20 @@ def prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str]
                 file = f"{name}.safetensors"
                 meta = {"format": FORMAT, "version": str(VERSION), "split": name}
                 shown = bar.phase(name, len(paths))
-                write_atomic(tmp / file, lambda t: write_split(t, paths, labels, image_size, pool, meta, shown))
+                write_atomic(tmp / file, lambda t: write_split(t, paths, labels, image_size, pool, meta, shown, block))
                 size = (tmp / file).stat().st_size
                 manifest["splits"][name] = {"size": len(paths), "file": file, "bytes": size,
                                             "files": [Path(p).relative_to(root_path).as_posix() for p in paths]}
         write_atomic_json(tmp / MANIFEST, manifest)  # written last: a folder without it is not complete
         _check_out(out_path, force)  # again: something may have appeared there meanwhile
         replace_dir(tmp, out_path, out_path.parent / f".{out_path.name}.old-{os.getpid()}")
+        partial.moved = True
+        # The lock file moved into OUT with the rest; the next prepare locks a new partial folder.
+        (out_path / LOCK).unlink(missing_ok=True)
         return manifest
     finally:
         torch.set_num_threads(threads)
         bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

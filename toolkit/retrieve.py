@@ -23,6 +23,11 @@ out in leave-one-out mode); a gallery image is relevant when it has the query's 
 Queries with an unknown class are skipped; queries with no relevant gallery image count in
 precision@k and hit_rate@k (as misses) and are left out of recall@k and mAP, and the JSON says
 how many there were.
+
+Nothing read is trusted: meta.json's counts, every shard's marker, size, shape and index range,
+and the manifest's rows are checked against one another before a result is printed, and each
+shard's sha256 too for sets up to 512 MiB (any size with --verify). A damaged or missing file is
+one `error:` line naming it, exit 2.
 """
 
 from __future__ import annotations
@@ -40,10 +45,23 @@ import torch.nn.functional as F
 from toolkit.errors import ConfigError, ToolkitError
 
 QUERY_BLOCK_ELEMENTS = 1 << 25  # similarity entries held at once in eval: 128 MiB of float32
+VERIFY_HELP = ("check every shard's sha256 (done anyway for shards up to 512 MiB in all; sizes, shapes and "
+               "row counts are always checked)")
 
 
 # ------------------------------------------------------------------------------------------
 # exact search
+
+
+# A float32 cosine of two unit vectors carries a few units of rounding in its last place: an
+# image and itself come out at 0.99999994, which sqrt(2 - 2 cos) turns into a distance of 3.5e-4.
+# Within 4 float32 ulps of 1 (2.4e-7) a cosine cannot be told from 1, so it is taken as 1.
+_COS_ONE = 1.0 - 4 * 2.0 ** -24
+
+
+def euclidean_from_cosine(cos: float) -> float:
+    """The Euclidean distance between unit vectors with cosine `cos`: 0 for an image and itself."""
+    return 0.0 if cos >= _COS_ONE else math.sqrt(max(0.0, 2.0 - 2.0 * cos))
 
 
 def topk_search(queries: torch.Tensor, gallery: Iterable[torch.Tensor], k: int,
@@ -186,10 +204,13 @@ class QueryEncoder:
             return self.extractor(self.normalize(torch.stack(xs)))  # (Q, D), L2-normalised
 
 
-def _gallery_chunks(path: Path, meta: Dict[str, Any], normalise: bool) -> Iterable[torch.Tensor]:
+def _gallery_chunks(path: Path, meta: Dict[str, Any], normalise: bool, verify: Optional[bool],
+                    manifest: List[Dict[str, str]]) -> Iterable[torch.Tensor]:
+    """The gallery's features shard by shard, each shard checked as it is read (and against the
+    manifest whose rows the results name)."""
     from toolkit.features import iter_shards
 
-    for shard in iter_shards(path, meta):
+    for shard in iter_shards(path, meta, verify, manifest):
         f = shard["features"]
         if len(f):
             yield F.normalize(f, dim=1) if normalise else f
@@ -213,7 +234,7 @@ def cmd_search(args) -> int:
     meta = read_meta(args.features)
     if args.topk < 1:
         raise ConfigError(f"--topk: must be >= 1, got {args.topk}")
-    manifest = read_manifest(args.features)
+    manifest = read_manifest(args.features, meta)  # its rows are what the results name
     normalise = not meta.get("l2_normalize", True)
     exclude = None
     if args.query_index is not None:
@@ -221,7 +242,7 @@ def cmd_search(args) -> int:
             raise ConfigError(f"--query-index: must be in [0, {meta['rows']}), got {args.query_index}")
         from toolkit.features import load_features
 
-        feats = load_features(args.features).features
+        feats = load_features(args.features, args.verify).features
         q = feats[args.query_index:args.query_index + 1]
         q = F.normalize(q, dim=1) if normalise else q
         names = [manifest[args.query_index]["path"]]
@@ -232,7 +253,7 @@ def cmd_search(args) -> int:
     if args.backend == "faiss":
         from toolkit.features import load_features
 
-        g = load_features(args.features).features
+        g = load_features(args.features, args.verify).features
         g = F.normalize(g, dim=1) if normalise else g
         k = args.topk + (1 if exclude is not None else 0)
         scores, rows = faiss_topk(q, g, k)
@@ -240,7 +261,8 @@ def cmd_search(args) -> int:
             keep = rows[0] != exclude[0]
             scores, rows = scores[:, keep][:, :args.topk], rows[:, keep][:, :args.topk]
     else:
-        scores, rows = topk_search(q, _gallery_chunks(args.features, meta, normalise), args.topk, exclude)
+        scores, rows = topk_search(q, _gallery_chunks(args.features, meta, normalise, args.verify, manifest),
+                                   args.topk, exclude)
     results = []
     console = _console()
     for qi, name in enumerate(names):
@@ -250,7 +272,7 @@ def cmd_search(args) -> int:
         hits = []
         for r, (s, row) in enumerate(zip(scores[qi].tolist(), rows[qi].tolist()), 1):
             m = manifest[row]
-            dist = math.sqrt(max(0.0, 2.0 - 2.0 * s))
+            dist = euclidean_from_cosine(s)
             table.add_row(str(r), f"{s:.4f}", f"{dist:.4f}", m["class"], m["path"])
             hits.append({"rank": r, "row": row, "cosine": s, "euclidean": dist, "class": m["class"],
                          "path": m["path"]})
@@ -313,12 +335,12 @@ def cmd_eval(args) -> int:
         ks = sorted({int(k) for k in args.topk.split(",")})
     except ValueError:
         raise ConfigError(f"--topk: expected comma-separated integers, got {args.topk!r}") from None
-    g = load_features(args.features)
+    g = load_features(args.features, args.verify)
     gf = g.features if g.meta.get("l2_normalize", True) else F.normalize(g.features, dim=1)
     if args.queries is None:
         res = retrieval_metrics(gf, g.labels, gf, g.labels, ks, leave_one_out=True)
     else:
-        q = load_features(args.queries)
+        q = load_features(args.queries, args.verify)
         if q.features.shape[1] != gf.shape[1]:
             raise ConfigError(f"--queries: features are {q.features.shape[1]}-d, the gallery's {gf.shape[1]}-d")
         qf = q.features if q.meta.get("l2_normalize", True) else F.normalize(q.features, dim=1)
@@ -388,11 +410,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     s.add_argument("--backend", choices=("exact", "faiss"), default="exact")
     s.add_argument("--grid", type=Path, help="write a PNG of each query and its results")
     s.add_argument("--json", type=Path, help="write the results as JSON")
+    s.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     e = sub.add_parser("eval", help="class-labelled retrieval metrics (precision/hit rate/recall@k, mAP)")
     e.add_argument("--features", type=Path, required=True, help="the gallery's features directory")
     e.add_argument("--queries", type=Path, help="a separate query set's features (default: leave-one-out)")
     e.add_argument("--topk", default="1,5,10", help="comma-separated k values")
     e.add_argument("--out", type=Path, help="JSON output (default: FEATURES/retrieval_eval.json)")
+    e.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     p = sub.add_parser("pairs", help="pairwise distances between images (E3's table)")
     p.add_argument("images", nargs="+")
     p.add_argument("--features", type=Path, required=True, help="features directory whose model to use")

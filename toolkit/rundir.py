@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, disk_full
 
 # File and folder names of the run-directory contract (docs/architecture.md, "Run directory").
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
-MODEL = "model.safetensors"
+MODEL = "model.safetensors"  # the last epoch's weights (the average, with EMA)
+MODEL_BEST = "model_best.safetensors"  # the best epoch's, by train.monitor
 SUMMARY = "summary.json"
 DATA = "data.json"
 LABEL_NOISE = "label_noise.json"
@@ -38,6 +39,10 @@ FEATURES = "features"
 REPORT = "report.html"
 TRIAL = "trial.json"  # a sweep trial's run: where its last attempt ran (toolkit.tune)
 LOCK = ".lock"
+PREEMPT = ".preempt"  # a stop request (slurm/train.sh writes it on SIGUSR1/SIGTERM)
+# What a run has written before its first checkpoint (or a sweep or SLURM job put there for it):
+# a directory holding only these may start afresh with train.resume=auto.
+BEFORE_FIRST_CHECKPOINT = (CONFIG, LABEL_NOISE, METRICS, TENSORBOARD, CHECKPOINTS, LOCK, TRIAL, PREEMPT)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,10 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.path / MODEL
+
+    @property
+    def model_best(self) -> Path:
+        return self.path / MODEL_BEST
 
     @property
     def summary(self) -> Path:
@@ -106,18 +115,55 @@ def temp_path(path: Path) -> Path:
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Write `path` through `write(tmp)` (which creates tmp), fsync, rename over `path`. On any
-    error the temp file is removed and `path` is left as it was."""
+    error the temp file is removed and `path` is left as it was; a full disk is one
+    DiskFullError naming `path`."""
     tmp = temp_path(path)
     try:
         write(tmp)
+        _inject_no_space(path)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # (a delayed write that finds the disk full fails here)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # Asked before the temp file is removed: the space it holds is part of the evidence.
+        full = disk_full(e, path) if isinstance(e, Exception) else None
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if full is not None:
+            raise full from e
         raise
     return path
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` to `path` whole or not at all: a write cut short (a full disk) is
+    truncated away, so no torn line is left for the next append to glue onto."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            _inject_no_space(path)
+            view = memoryview(data)
+            while view:  # a short write (the disk filling up) is followed by ENOSPC on the next
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            full = disk_full(e, path)
+            os.ftruncate(fd, start)  # truncating frees space, it never needs any
+            if full is not None:
+                raise full from e
+            raise
+    finally:
+        os.close(fd)
+
+
+def _inject_no_space(path: Path) -> None:
+    """TOOLKIT_FAULT_NO_SPACE (toolkit/faults.py): the test suite's full disk. Imported only
+    when set, so that plain runs never load the fault module from here."""
+    if os.environ.get("TOOLKIT_FAULT_NO_SPACE"):
+        from toolkit.faults import no_space
+
+        no_space(path)
 
 
 def write_atomic_bytes(path: Path, data: bytes) -> Path:
@@ -168,24 +214,53 @@ def ensure_writable(path: Path) -> Path:
 def run_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Hold RUN/.lock (an exclusive flock, released when the process ends however it ends):
     two processes writing into one run directory would overwrite each other's files.
-    Waits up to `wait_s` for a previous holder (a sweep trial orphaned by a killed driver)."""
-    import fcntl
-
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    Waits up to `wait_s` for a previous holder (a sweep trial orphaned by a killed driver).
+    A clean exit removes the file, so a finished run leaves no `.lock` behind."""
+    path = run_dir / LOCK
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = _try_lock(path)
+        if fd is not None:
+            break
+        if time.monotonic() >= deadline:
+            holder = _read_holder(path)
+            raise ConfigError(f"config: run.dir: {run_dir} is in use by another process (pid {holder}); "
+                              "wait for it to end or choose another run.dir")
+        time.sleep(0.5)
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise ConfigError(f"config: run.dir: {run_dir} is in use by another process (pid {holder}); "
-                                      "wait for it to end or choose another run.dir") from None
-                time.sleep(0.5)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        # Unlinked while still held: a process waiting on this file then finds, once it gets the
+        # lock, that the name no longer leads to it, and starts over with a new file (_try_lock).
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         os.close(fd)  # releases the lock
+
+
+def _try_lock(path: Path):
+    """An fd holding the flock of the file now at `path`, or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # the holder we waited for removed the file as it let go: lock the new one
+        os.close(fd)
+        return _try_lock(path)
+    return fd
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[:32] or "?"
+    except OSError:
+        return "?"

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from toolkit.rundir import REPORT, RunDir, run_lock, write_atomic, write_atomic_json, write_atomic_text
+from toolkit.errors import disk_full
+from toolkit.rundir import REPORT, RunDir, append_text, run_lock, write_atomic, write_atomic_json, write_atomic_text
 
 
 def _clean(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -37,6 +38,7 @@ class Tracker:
         self.mode = progress if self.enabled else "none"
         self._progress: Optional[Progress] = None
         self._task = None
+        self._loss = "-"  # the last logged loss: the bar shows it between log steps
         self._t0 = time.perf_counter()
 
     # --- console -------------------------------------------------------------------------
@@ -57,12 +59,14 @@ class Tracker:
                 console=self.console, transient=False)
             self._progress.start()
         self._task = self._progress.add_task(f"epoch {epoch + 1}/{epochs}", total=total,
-                                             completed=done, ips="-", loss="-")
+                                             completed=done, ips="-", loss=self._loss)
 
     def advance(self, n: int, images_per_s: float, loss: Optional[float]) -> None:
+        """`loss`: the log window's mean on log steps, None on the others (the bar keeps the last)."""
+        if loss is not None:
+            self._loss = f"{loss:.4f}"
         if self.mode == "rich" and self._task is not None:
-            self._progress.update(self._task, advance=n, ips=f"{images_per_s:,.0f}",
-                                  loss="-" if loss is None else f"{loss:.4f}")
+            self._progress.update(self._task, advance=n, ips=f"{images_per_s:,.0f}", loss=self._loss)
 
     def end_epoch(self) -> None:
         if self.mode == "rich" and self._task is not None:
@@ -79,12 +83,17 @@ class Tracker:
         if not self.enabled:
             return
         row = {"kind": kind, "step": step, "time": round(time.time(), 3), **_clean(metrics)}
-        with open(self.run.metrics, "a") as f:  # appended: a torn last line is skipped by readers
-            f.write(json.dumps(row) + "\n")
+        append_text(self.run.metrics, json.dumps(row) + "\n")  # whole or not at all (a full disk)
         scalars = {f"{kind}/{k}": v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if scalars and self.accelerator.trackers:
-            self.accelerator.log(scalars, step=step)
+            try:
+                self.accelerator.log(scalars, step=step)
+            except Exception as e:  # TensorBoard's writer thread re-raises its OSError here
+                full = disk_full(e, self.run.tensorboard)
+                if full is None:
+                    raise
+                raise full from e
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""

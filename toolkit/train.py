@@ -17,8 +17,26 @@ import sys
 from typing import List, Optional
 
 
+# Kept as text (not built from toolkit.config): `--help` answers without importing anything.
+EPILOG = """config sections (every key, its default and its check: docs/quickstart.md):
+  run     name, dir, seed
+  data    name, root, image_size, batch_size (global), loader, augment, limit, label_noise, ...
+  model   name, num_classes, pretrained, freeze
+  optim   name, lr, momentum, weight_decay, ...
+  sched   name, milestones, gamma, warmup_epochs, ...
+  loss    name, label_smoothing, margin, distance, ...
+  train   epochs, stages, precision, compile, channels_last, ema_decay, resume, ...
+  log     every_n_steps, progress, tensorboard, plots, ...
+
+examples:
+  python -m toolkit.train --config configs/digits_lenet.yaml optim.lr=0.05 train.epochs=5
+  python -m toolkit.train --config configs/digits_lenet.yaml --print-config
+  python -m toolkit.train train.resume=auto run.dir=runs/digits_lenet/20261127-140000   # continue a run
+"""
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.split("\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
@@ -34,6 +52,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def work():
         cfg = load_config(args.config, args.overrides)
+        if cfg.train.resume != "none":  # continue with the run's own config, from its checkpoint
+            from toolkit.engine.resume import config_for_resume
+
+            cfg, changes = config_for_resume(cfg, args.config, args.overrides)
+            if changes and os.environ.get("RANK", "0") == "0":
+                print("resume: the checkpoint's config, with " + "; ".join(changes), flush=True)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return None
@@ -47,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {summary['run_dir']}")
         print(f"test accuracy: {summary['test_acc']:.2%} on {summary['num_test_samples']} images "
-              f"(best val {summary['best_val_acc']:.2%}), {summary['images_per_s']:,.0f} img/s, "
+              f"(best val {summary['best_val_acc']:.2%}), {summary['images_per_s']:,.0f} img/s"
+              f"{' (from epoch 2)' if summary['images_per_s_from_epoch'] == 2 else ''}, "
               f"{summary['wall_s']:.1f} s")
     return 0
 

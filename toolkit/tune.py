@@ -11,7 +11,9 @@ A space is a YAML file in configs/spaces/ (or a path): `grid:` values tried in e
 `random:` distributions drawn `--num-samples` times (see configs/spaces/lr.yaml). The sweep
 directory SWEEP (sweeps/NAME) holds sweep.json (its settings), runs/TRIAL/ (each trial's run
 directory: metrics, TensorBoard, checkpoints, summary), results.csv, best.yaml (a config for
-toolkit/train.py), compare.png (every trial's curves), and tune/ (Ray Tune's own state).
+toolkit/train.py), compare.png (every trial's curves), tune/ (Ray Tune's own state) and
+tune.sig.json (signatures of Ray's pickles, keyed by ~/.config/toolkit/tune.key or $TOOLKIT_TUNE_KEY:
+--resume hands Ray nothing unsigned).
 Exit codes: 0 every trial finished (or was stopped early by the scheduler), 1 a trial failed
 after its retries, 2 bad input (nothing started).
 """
@@ -21,17 +23,20 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import hashlib
+import hmac
 import io
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -316,6 +321,235 @@ def _run_distributed(sweep: Sweep, cfg: Config, run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Ray's state is pickles: --resume hands Ray only what this toolkit signed
+#
+# Tuner.restore unpickles SWEEP/tune/tuner.pkl, the newest experiment_state-*.json (its trials
+# are hex-encoded cloudpickle), basic-variant-state-*.json (a cloudpickle despite its name),
+# searcher-/callback-state pickles and the trials' pickled errors; a planted file runs its code.
+# So the driver keeps an HMAC (SHA-256) of every such file it writes in SWEEP/tune.sig.json,
+# keyed by a per-user secret kept outside the sweep folder, and --resume checks every one of
+# them before Ray starts. Ray's experiment state is written during the sweep (every >= 10 s and
+# at the end, into a local staging copy that is then uploaded), so a driver killed mid-sweep
+# leaves files that are already signed: `SignRayState`, a Tune callback, signs the staging copy
+# after each of Ray's steps.
+
+KEY_ENV = "TOOLKIT_TUNE_KEY"  # the key file's path (default ~/.config/toolkit/tune.key)
+SIGNATURES = "tune.sig.json"  # SWEEP/tune.sig.json: {relative path: [hmac, ...]}
+# Signed versions kept per file: the upload to SWEEP/tune/ may lag the staging copy by a sync
+# or two, so a resume must accept a recent version as well as the newest.
+SIGN_HISTORY = 8
+
+
+def key_path() -> Path:
+    if os.environ.get(KEY_ENV):
+        return Path(os.environ[KEY_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "toolkit" / "tune.key"
+
+
+def _create_key(path: Path) -> None:
+    """32 random bytes, mode 0600, made whole before it appears (a link, not a rename, so two
+    drivers starting at once cannot replace each other's key)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a killed process that had this pid
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another driver made it first: use theirs
+    finally:
+        tmp.unlink()
+
+
+def load_key(create: bool) -> bytes:
+    """The per-user signing key; made on first use by a new sweep, never by --resume."""
+    path = key_path()
+    if create and not path.exists():
+        try:
+            _create_key(path)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot create the sweep signing key: {e.strerror}; "
+                              f"set {KEY_ENV} to a writable path") from None
+    try:
+        st, key = path.stat(), path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: no sweep signing key at {path}; set {KEY_ENV} to the key file "
+                          "the sweep was started with") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the sweep signing key: {e.strerror}") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:  # another user could forge signatures
+        raise ConfigError(f"{path}: the sweep signing key must be yours alone (chmod 600 {path})")
+    if len(key) < 32:
+        raise ConfigError(f"{path}: not a sweep signing key (expected 32 random bytes)")
+    return key
+
+
+def ray_state_files(tune_dir: Path) -> List[Path]:
+    """The files in a Tune experiment folder (SWEEP/tune/, or the driver's staging copy of it)
+    that Ray may unpickle: every .json and .pkl at the top (sync-down copies them all, and Ray
+    loads the newest name of each kind, so a planted later name would win) and every .pkl in the
+    trial folders (params.pkl, error.pkl). Not checkpoint_* folders: under PBT they hold the
+    engine's checkpoints, read by the engine (safetensors, torch.load(weights_only=True)).
+    A linked folder is refused: what it holds could change under the check."""
+    out = [p for p in sorted(tune_dir.iterdir()) if p.suffix in (".json", ".pkl") and not p.is_dir()]
+    for top, dirs, files in os.walk(tune_dir):
+        for d in list(dirs):
+            if os.path.islink(os.path.join(top, d)):
+                raise ConfigError(f"--resume: {os.path.join(top, d)} is a symbolic link; Ray's state "
+                                  "must be plain files")
+            if d.startswith("checkpoint_"):
+                dirs.remove(d)
+        if Path(top) != tune_dir:
+            out += [Path(top, f) for f in sorted(files) if f.endswith(".pkl")]
+    return out
+
+
+def _mac(key: bytes, rel: str, data: bytes) -> str:
+    """Binds the file's place to its bytes: a signed file moved to another name does not pass."""
+    msg = b"toolkit.tune/1\0" + rel.encode() + b"\0" + hashlib.sha256(data).digest()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def _read_signatures(sweep_dir: Path) -> Dict[str, List[str]]:
+    try:
+        files = json.loads((sweep_dir / SIGNATURES).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, list)} \
+        if isinstance(files, dict) else {}
+
+
+class StateSigner:
+    """Adds the HMAC of each of Ray's state files to SWEEP/tune.sig.json (driver side only)."""
+
+    def __init__(self, sweep_dir: Path, key: bytes):
+        self.sweep_dir, self.key = sweep_dir, key
+        self.signatures = _read_signatures(sweep_dir)  # a resumed sweep keeps what it had
+        self.seen: Dict[str, Tuple[int, int]] = {}  # (size, mtime_ns) last signed, per file
+
+    def add(self, rel: str, data: bytes) -> bool:
+        mac, kept = _mac(self.key, rel, data), self.signatures.setdefault(rel, [])
+        if mac in kept:
+            return False
+        kept.append(mac)
+        del kept[:-SIGN_HISTORY]
+        return True
+
+    def sign_tree(self, staging: Path) -> None:
+        """Sign what Ray wrote to its staging copy (local to the driver: nobody else writes
+        there), which is the bytes it then uploads to SWEEP/tune/."""
+        if not staging.is_dir():
+            return
+        changed = False
+        for path in ray_state_files(staging):
+            rel, st = path.relative_to(staging).as_posix(), path.stat()
+            if self.seen.get(rel) == (st.st_size, st.st_mtime_ns):
+                continue
+            self.seen[rel] = (st.st_size, st.st_mtime_ns)
+            changed |= self.add(rel, path.read_bytes())
+        if changed:
+            self.save()
+
+    def save(self) -> None:
+        write_atomic_json(self.sweep_dir / SIGNATURES, {"version": 1, "files": self.signatures})
+
+
+def sign_tuner_state(tuner, sweep_dir: Path) -> None:
+    """tuner.pkl is written once, by Tuner(), straight to SWEEP/tune/. Sign the bytes the tuner
+    pickles to, not the file read back (which someone could have swapped in the meantime);
+    Ray's cloudpickle of the same state is byte-identical (checked by the resume test).
+    Reaches into Ray 2.60's Tuner: re-check `_local_tuner.__getstate__` when the pin moves."""
+    import ray.cloudpickle
+
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:  # Ray Client (ray://): the tuner lives on the cluster
+        print("warning: the sweep's tuner.pkl cannot be signed under Ray Client; --resume will refuse it",
+              file=sys.stderr, flush=True)
+        return
+    signer = StateSigner(sweep_dir, load_key(create=True))
+    signer.add("tuner.pkl", ray.cloudpickle.dumps(local.__getstate__()))
+    signer.save()
+
+
+def verify_ray_state(sweep_dir: Path) -> None:
+    """Before Ray reads SWEEP/tune/: every file it may unpickle carries a signature made with this
+    user's key. One line naming the first file that does not, and nothing is unpickled."""
+    tune_dir = sweep_dir / "tune"
+    if not (tune_dir / "tuner.pkl").is_file():
+        raise ConfigError(f"--resume: {tune_dir / 'tuner.pkl'} is missing; the sweep cannot be restored")
+    key = load_key(create=False)
+    signatures = _read_signatures(sweep_dir)
+    for path in ray_state_files(tune_dir):
+        rel = path.relative_to(tune_dir).as_posix()
+        try:
+            mac = _mac(key, rel, path.read_bytes())
+        except OSError as e:
+            raise ConfigError(f"--resume: {path}: {e.strerror}") from None
+        if not any(hmac.compare_digest(mac, str(s)) for s in signatures.get(rel, [])):
+            why = "was not written by this toolkit with your key" if rel in signatures else \
+                f"has no signature in {sweep_dir / SIGNATURES}"
+            raise ConfigError(f"--resume: refusing {path}: it {why}; Ray would unpickle it (run code from it)")
+
+
+def _define_sign_callback():
+    from ray.tune import Callback
+
+    class SignRayState(Callback):
+        """Signs Ray's experiment state after every step of the driver's loop (right after Ray
+        saves it) and at the end. Ray pickles it into tuner.pkl, so it holds no key: it reads
+        the key file where it runs, and finds the sweep from the trials' storage."""
+
+        def __init__(self):
+            self._signer: Any = None  # a StateSigner once the first trial exists; False after a failure
+
+        def __getstate__(self):
+            return {}
+
+        def __setstate__(self, state):
+            self._signer = None
+
+        def _sign(self, trials) -> None:
+            if not trials or self._signer is False:
+                return
+            storage = trials[0].storage
+            try:
+                if self._signer is None:
+                    self._signer = StateSigner(Path(storage.experiment_fs_path).parent, load_key(create=True))
+                self._signer.sign_tree(Path(storage.experiment_driver_staging_path))
+            except (OSError, ToolkitError) as e:  # the trials go on; only --resume is lost, and it will say so
+                print(f"warning: cannot sign Ray's state in {storage.experiment_fs_path} ({e}); "
+                      "--resume will refuse this sweep", file=sys.stderr, flush=True)
+                self._signer = False
+
+        def on_step_end(self, iteration, trials, **info):
+            self._sign(trials)
+
+        def on_experiment_end(self, trials, **info):
+            self._sign(trials)
+
+    SignRayState.__module__, SignRayState.__qualname__ = __name__, "SignRayState"
+    return SignRayState
+
+
+def sign_callback_class():
+    """`SignRayState` is made on first use, so that importing this module does not import Ray
+    (a second); pickles name it toolkit.tune.SignRayState, and unpickling finds it through the
+    module's __getattr__."""
+    if "SignRayState" not in globals():
+        globals()["SignRayState"] = _define_sign_callback()
+    return globals()["SignRayState"]
+
+
+def __getattr__(name: str):
+    if name == "SignRayState":
+        return sign_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------
 # the driver
 
 
@@ -443,6 +677,7 @@ def load_sweep(args: argparse.Namespace) -> Sweep:
     sweep.base_config()  # the config file may have changed or gone since
     if not (Path(sweep.dir) / "tune").is_dir():
         raise ConfigError(f"--resume: {sweep.dir} has no Tune state (tune/); the sweep never started")
+    verify_ray_state(Path(sweep.dir))  # before Ray unpickles anything from the folder
     return sweep
 
 
@@ -495,6 +730,7 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
     sweep_dir = Path(sweep.dir)
     space = load_space(sweep.space)
     cfg = sweep.base_config()
+    load_key(create=not resume)  # a key another user could read is refused before anything starts
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_atomic_json(sweep_dir / "sweep.json", asdict(sweep))
@@ -529,7 +765,9 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=1,
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[sign_callback_class()()]))
+            sign_tuner_state(tuner, sweep_dir)
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - t0

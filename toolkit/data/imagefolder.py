@@ -11,8 +11,10 @@ folders of the first training split; a class folder may be missing from a split,
 folder that is not in that first split is an error. Hidden entries (names starting with `.`)
 are skipped; files inside a class folder are found recursively, and only these extensions
 count (any case): .jpg .jpeg .png .bmp .webp .gif .tif .tiff. Each split is ordered by path
-(class folder, then the path within it; training splits in `train_splits` order), and
-`data.limit` keeps the first N of each split.
+(class folder, then the path within it; training splits in `train_splits` order).
+`data.limit=N` keeps N images of each split: a stratified sample drawn with `data.split_seed`
+(`stratified_limit`), kept in path order. The first N in path order would be one or two classes,
+so a smoke run or a sweep with a limit would learn nothing about the others.
 
 Per sample (in the worker): `load_resized` (toolkit.data.images: decode to uint8 RGB, shorter
 side to `image_size`, centre crop). The engine calls `device_items()`, so the item stays uint8
@@ -28,6 +30,9 @@ Every image a split will use is checked when the dataset is built (`check_images
 toolkit.data.images: truncated files, decompression bombs), so a bad file stops the run before
 training rather than in a worker in epoch 7. `limit` is applied first, so smoke runs check only
 what they use.
+
+Sizes are bounded (`MAX_IMAGE_SIZE`, `check_decoded_batch`): one image side of 100,000 px is
+120 GB as float32, and such a typo should be one line, not an OOM kill.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from toolkit.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     check_images,
+    load_codecs,
     load_resized,
     normalise,
     visible_dirs,
@@ -57,6 +63,78 @@ from toolkit.data.images import (
 from toolkit.errors import ConfigError
 
 DEFAULT_IMAGE_SIZE = 224
+# The largest image side the toolkit decodes to. Common CNN inputs are 224-600 px, detection-style
+# inputs up to ~2,000; at 4,096 one float32 image is already 201 MB (3 x 4096 x 4096 x 4 bytes),
+# so anything larger is a typo that would only end in an out-of-memory kill.
+MAX_IMAGE_SIZE = 4096
+# A decoded batch may take at most this share of the machine's memory: the batch exists several
+# times over (uint8 in a worker, the pinned copy, float32, the first layers' activations), so a
+# batch past a quarter of RAM does not survive its first forward pass.
+BATCH_MEMORY_SHARE = 0.25
+
+
+def check_image_size(size: int, key: str) -> int:
+    """`size` if it is a side the toolkit decodes to (1..MAX_IMAGE_SIZE), else one ConfigError line."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{key}: {size!r} is not a positive integer")
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"{key}: {size} px is over the largest image side, {MAX_IMAGE_SIZE} px "
+                          f"(one {size} px image is {_gib(3 * 4 * size * size)} as float32)")
+    return size
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_decoded_batch(batch: int, size: int, key: str, memory: int | None = None) -> None:
+    """Refuse a batch whose decoded float32 pixels (batch x 3 x size x size x 4 bytes) would take
+    more than BATCH_MEMORY_SHARE of memory, before anything is allocated."""
+    memory = memory_bytes() if memory is None else memory
+    need = batch * 3 * size * size * 4
+    if memory and need > BATCH_MEMORY_SHARE * memory:
+        raise ConfigError(f"{key}: a batch of {batch} images of {size} px is {_gib(need)} decoded, over "
+                          f"{BATCH_MEMORY_SHARE:.0%} of this machine's {_gib(memory)} of memory; use a smaller "
+                          "batch or image size")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def stratified_limit(labels, limit: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of `limit` items drawn per class as evenly as the class sizes allow, with
+    `seed`: the same subset for the same labels, limit and seed. A class smaller than its share
+    gives all it has and the rest is shared among the others; what does not divide evenly goes
+    one item each to classes drawn with the seed. `limit` >= len(labels): every index."""
+    y = np.asarray(labels)
+    if limit >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = _even_quota(counts, limit, rng)
+    picked = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+def _even_quota(counts: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Items per class, summing to `limit` (< counts.sum()), as even as `counts` allow."""
+    quota = np.zeros_like(counts)
+    left = limit
+    while left > 0:
+        open_ = np.flatnonzero(counts > quota)  # classes with images still to give
+        share = left // len(open_)
+        if share == 0:  # fewer items left than classes: one each to classes drawn with the seed
+            quota[rng.choice(open_, size=left, replace=False)] += 1
+            break
+        add = np.minimum(counts[open_] - quota[open_], share)
+        quota[open_] += add
+        left -= int(add.sum())
+    return quota
 
 
 class ImageFolderDataset(Dataset):
@@ -72,6 +150,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.raw_items = False  # True: items are uint8, normalised where the batch lands
         self.encoded = False  # True: JPEGs are handed out undecoded, see device_decode()
+        load_codecs()  # here, before loader workers fork: each would import torchvision again
 
     def device_items(self) -> Normalize:
         """From now on hand out uint8 (3, S, S) images: a quarter of the bytes through the
@@ -158,9 +237,7 @@ def scan_split(folder: Path, class_names: list[str], first: Path) -> tuple[list[
 def _check_args(root: str | None, image_size: int | None, train_splits) -> tuple[Path, int, list[str]]:
     if root is None:
         raise ConfigError("config: data.root: imagefolder needs data.root (the folder that holds train/ val/ test/)")
-    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"config: data.image_size: {image_size!r} is not a positive integer")
+    size = check_image_size(DEFAULT_IMAGE_SIZE if image_size is None else image_size, "config: data.image_size")
     splits = ["train"] if train_splits is None else list(train_splits)
     if not splits:
         raise ConfigError("config: data.train_splits: empty; name at least one split folder, e.g. [train]")
@@ -177,8 +254,8 @@ def _check_args(root: str | None, image_size: int | None, train_splits) -> tuple
 def imagefolder(root: str | None = None, split_seed: int = 0, limit: int | None = None,
                 download: bool = False, image_size: int | None = None,
                 train_splits: list[str] | None = None, **_) -> Splits:
-    """Build train/val/test from `root/<split>/<class>/<image>`; `split_seed` is unused (the
-    folders are the split) and `download` has nothing to fetch."""
+    """Build train/val/test from `root/<split>/<class>/<image>`; `split_seed` seeds only
+    `limit`'s stratified subset (the folders are the split) and `download` has nothing to fetch."""
     root_path, size, train_names = _check_args(root, image_size, train_splits)
     if not root_path.is_dir():
         raise ConfigError(f"config: data.root: {root_path} not found (expected {root_path}/train/<class>/<image>, "
@@ -203,7 +280,8 @@ def imagefolder(root: str | None = None, split_seed: int = 0, limit: int | None 
              "val": scan_split(root_path / "val", class_names, first),
              "test": scan_split(root_path / "test", class_names, first)}
     if limit is not None:
-        parts = {k: (p[:limit], y[:limit]) for k, (p, y) in parts.items()}
+        keep = {k: stratified_limit(y, limit, split_seed) for k, (_, y) in parts.items()}
+        parts = {k: ([p[i] for i in keep[k]], [y[i] for i in keep[k]]) for k, (p, y) in parts.items()}
     check_images(list(dict.fromkeys(p for paths, _ in parts.values() for p in paths)))  # val may be in train
     data = {k: ImageFolderDataset(p, torch.tensor(y, dtype=torch.int64), size) for k, (p, y) in parts.items()}
     return Splits(train=data["train"], val=data["val"], test=data["test"], num_classes=len(class_names),

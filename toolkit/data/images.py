@@ -238,4 +238,19 @@ def check_images(paths: Sequence[str]) -> None:
             reasons = list(pool.map(check_image, paths, chunksize=64))
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if bad:
-        raise ConfigError(f"config: data.root: {len(bad)} unreadable image(s), first: {bad[0][0]} ({bad[0][1]})")
+        raise ConfigError(f"config: data.root: {describe_bad_images(bad)}")
+
+
+def describe_bad_images(bad: Sequence[tuple], shown: int = 3) -> str:
+    """'N unreadable image(s): a (why), b (why), c (why) and K more, all listed in FILE': the first
+    few in the message; with more, every one in a new file in the temp folder (not in the data
+    folder, which is the user's), whose path the message gives."""
+    head = ", ".join(f"{p} ({why})" for p, why in bad[:shown])
+    if len(bad) <= shown:
+        return f"{len(bad)} unreadable image(s): {head}"
+    import tempfile
+
+    fd, listing = tempfile.mkstemp(prefix="toolkit-unreadable-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{p}\t{why}\n" for p, why in bad)
+    return f"{len(bad)} unreadable image(s): {head} and {len(bad) - shown} more, all listed in {listing}"

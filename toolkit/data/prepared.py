@@ -9,9 +9,10 @@ data.root=/data/e4 data.image_size=112` (the arrays were made by its per-image p
 loading is one safetensors read per split and no decoding per sample: the images stay uint8
 (N, 3, S, S) in a `TensorImageDataset` and are normalised with ImageNet mean/std per batch, so
 the whole set can also sit on the device. Keywords as `imagefolder`: `train_splits` (their union
-is the training set; each must have been prepared), `limit` (first N of each split),
+is the training set; each must have been prepared), `limit` (N of each split: the same stratified,
+`split_seed`-seeded subset `imagefolder` takes, so the two still feed the same images),
 `image_size` (null, or the prepared size: anything else is an error, the arrays are not
-resized again); `split_seed` and `download` do nothing (the folders are the split).
+resized again); `download` does nothing (the folders are the split).
 
 A missing or incomplete folder, a manifest that does not match its files (size, dtype, shape,
 byte count: a truncated copy), or labels out of range stop the build with one line naming the
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from toolkit.data.base import DATASETS, Splits, TensorImageDataset
+from toolkit.data.imagefolder import stratified_limit
 from toolkit.errors import ConfigError
 
 FORMAT = "toolkit.prepared"  # toolkit.prepare writes these; kept here so loading imports no CLI
@@ -135,7 +137,8 @@ def prepared(root: str | None = None, split_seed: int = 0, limit: int | None = N
     parts = {"train": (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys)),
              "val": loaded["val"], "test": loaded["test"]}
     if limit is not None:
-        parts = {k: (x[:limit].clone(), y[:limit]) for k, (x, y) in parts.items()}  # frees the rest
+        keep = {k: torch.from_numpy(stratified_limit(y, limit, split_seed)) for k, (_, y) in parts.items()}
+        parts = {k: (x[keep[k]], y[keep[k]]) for k, (x, y) in parts.items()}  # copies: the rest is freed
     mean, std = torch.tensor(m["mean"], dtype=torch.float32), torch.tensor(m["std"], dtype=torch.float32)
     data = {k: TensorImageDataset(x, y.clone(), mean=mean, std=std) for k, (x, y) in parts.items()}
     return Splits(train=data["train"], val=data["val"], test=data["test"], num_classes=len(m["class_names"]),

@@ -169,7 +169,7 @@ def train_epoch(step: TrainStep, loader, accelerator: Accelerator, state: TrainS
         shown_loss = _reduce_log_window(sums, step.nonfinite, accelerator, state) if logging else None
         ips = clock.tick(state, new_window=logging)
         if logging:
-            tracker.log("train", state.step, {"loss": shown_loss, "lr": step.scheduler.get_last_lr()[0],
+            tracker.log("train", state.step, {"loss": shown_loss, "lr": state.lr,
                                               "epoch": state.epoch, "images_per_s": ips})
         tracker.advance(accelerator.gradient_accumulation_steps, ips, shown_loss)
         on_step(state, read_sums)
@@ -220,6 +220,7 @@ def _checked_sums(sums: RunningSums, policy: NonFinitePolicy, state: TrainState)
 
 def _after_update(step: TrainStep, accelerator: Accelerator, state: TrainState) -> None:
     """Once per optimizer update: the schedule, the weight average, the step count."""
+    state.lr = step.scheduler.get_last_lr()[0]  # the rate this update used, before the schedule moves on
     step.scheduler.step()
     if step.ema is not None:
         step.ema.update(unwrap(step.model))

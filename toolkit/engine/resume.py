@@ -4,20 +4,23 @@ weight average, and retargeting a loaded optimizer for population-based training
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
-from toolkit import checkpoint
-from toolkit.accelerate_compat import restore_shared_rng
+from toolkit import checkpoint, rundir
+from toolkit.config import Config, load_config, parse_yaml, to_dict, to_flat, with_flat
+from toolkit.accelerate_compat import refused_state_file, restore_shared_rng
 from toolkit.ema import ModelEma
 from toolkit.engine.state import TrainState
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.models.freeze import unwrap
+from toolkit.models.weights import refusal_reason
 from toolkit.tracking import Tracker
 
 EMA_FILE = "ema.safetensors"  # inside a checkpoint, beside Accelerate's files
@@ -48,7 +51,14 @@ def find_resume(accelerator: Accelerator, resume: str, ckpt_root: Path, tracker:
         if path is None:
             tracker.print(f"train.resume=auto: no complete checkpoint in {ckpt_root}; starting fresh")
         return path
+    return verified_checkpoint(resume)
+
+
+def verified_checkpoint(resume: str) -> Path:
+    """`train.resume=PATH`: the checkpoint directory, complete and intact, or one line why not."""
     path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"config: train.resume: no such checkpoint directory: {resume}")
     reason = checkpoint.verify(path)
     if reason is not None:
         raise ConfigError(f"config: train.resume: {path} is not a usable checkpoint: {reason}")
@@ -60,7 +70,13 @@ def load_resume(accelerator: Accelerator, path: Path, ckpt_root: Path, tracker: 
     try:
         accelerator.load_state(str(path))
         restore_shared_rng(accelerator, path)
-        state = TrainState(**checkpoint.read_state(path))
+        state = TrainState.load(path)
+    except pickle.UnpicklingError as e:  # weights_only refused a file: name it, and no advice to load it anyway
+        file, why = refused_state_file(path) or (path, e)
+        raise ToolkitError(f"cannot resume from {path}: refusing {file}: it holds objects that torch.load with "
+                           f"weights_only=True does not load ({refusal_reason(why)})") from None
+    except ToolkitError:
+        raise
     except Exception as e:  # a verified checkpoint that does not fit this model/optimizer
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToolkitError(f"cannot resume from {path}: {msg}") from None
@@ -104,3 +120,59 @@ def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
             group["momentum"] = o.momentum
     sched.base_lrs = [b * ratio for b in sched.base_lrs]
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+# ------------------------------------------------------------------------------------------
+# the config a resumed run continues with
+
+# Keys a resume may change: where the run lives and is logged, how often it saves, how long
+# it runs. Everything else (model, data, batch size, optimizer, schedule, loss, precision,
+# seed, ...) is part of what the checkpoint means, so a different value is refused.
+RESUME_MAY_CHANGE = ("run.dir", "run.name", "train.resume", "train.epochs", "train.checkpoint_every_steps",
+                     "train.keep_last", "train.preempt_check_steps", "train.dist_timeout_s", "data.num_workers",
+                     "data.eval_batch_size", "log.")
+
+
+def resume_checkpoint(resume: str, run_dir: Optional[str]) -> Optional[Path]:
+    """The checkpoint a `train.resume` setting will continue from, or None when it starts fresh
+    (auto without run.dir, or no complete checkpoint yet). Reads the disk only (no ranks)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        return verified_checkpoint(resume)
+    if run_dir is None:
+        return None
+    path, _ = checkpoint.find_resumable(Path(run_dir) / rundir.CHECKPOINTS)
+    return path
+
+
+def config_for_resume(requested: Config, config_path: Optional[str], overrides: Sequence[str]) -> tuple:
+    """A resumed run continues with its checkpoint's config -> (config, changes as lines).
+
+    The checkpoint's config.yaml stands in for the defaults; a --config file and the overrides
+    given with the resume are laid over it. What they change must be in RESUME_MAY_CHANGE
+    (applied, recorded in config.yaml, and listed); anything else is refused with the keys named.
+    A fresh start (nothing to resume) keeps the requested config as it is."""
+    path = resume_checkpoint(requested.train.resume, requested.run.dir)
+    if path is None:
+        return requested, []
+    saved_file = path / rundir.CONFIG
+    if not saved_file.is_file():
+        raise ConfigError(f"config: train.resume: {path} has no {rundir.CONFIG}; it is not a checkpoint of this toolkit")
+    saved = load_config(None, (), base=parse_yaml(saved_file.read_text()))
+    cfg = load_config(config_path, overrides, base=to_dict(saved))
+    if cfg.run.dir is None and path.parent.name == rundir.CHECKPOINTS:  # train.resume=PATH
+        cfg = with_flat(cfg, {"run.dir": str(path.parent.parent)})
+    before, after = to_flat(saved), to_flat(cfg)
+    changed = [k for k in after if after[k] != before[k]]
+    fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if fixed:
+        shown = ", ".join(f"{k} ({before[k]!r} -> {after[k]!r})" for k in fixed)
+        raise ConfigError(f"config: train.resume: {shown} would change what checkpoint {path} means; resume "
+                          "without them (the run's own config is used) or start a new run")
+    done = checkpoint.read_state(path)["epoch"]
+    if cfg.train.epochs < done:
+        raise ConfigError(f"config: train.epochs: {cfg.train.epochs} is fewer than the {done} epochs "
+                          f"checkpoint {path} has trained")
+    lines = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k not in ("train.resume", "run.dir")]
+    return cfg, lines

@@ -32,25 +32,32 @@ from toolkit.models import apply_freeze
 from toolkit.optim import OPTIMIZERS, SCHEDULERS, param_groups
 
 
-def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int, drop_last: bool,
-                 seed: int, world: int, sampler: str = "random", pk_k: int = 4):
+def check_batch_sizes(num_train: int, batch_size: int, eval_batch_size: int, drop_last: bool, world: int,
+                      sampler: str = "random", pk_k: int = 4) -> None:
+    """The batch settings against the training split and the world size; fit runs it for every
+    stage before the run directory is made, so a bad batch size leaves nothing behind."""
     for key, b in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
         if b % world:
             raise ConfigError(f"config: {key}: {b} is not divisible by the {world} processes "
                               "(it is the global batch, split across processes)")
-    if not drop_last and world > 1 and len(splits.train) % batch_size:
+    if not drop_last and world > 1 and num_train % batch_size:
         raise ConfigError(f"config: data.drop_last: false would pad the last training batch with repeated "
-                          f"samples on {world} processes ({len(splits.train)} images, batch {batch_size}); "
+                          f"samples on {world} processes ({num_train} images, batch {batch_size}); "
                           "keep it true or pick a batch size that divides the split")
-    if drop_last and len(splits.train) < batch_size:
+    if drop_last and num_train < batch_size:
         raise ConfigError(f"config: data.batch_size: {batch_size} is larger than the training split "
-                          f"({len(splits.train)} images); lower it or set data.drop_last=false")
+                          f"({num_train} images); lower it or set data.drop_last=false")
+    if sampler == "pk" and (batch_size // world) % pk_k:
+        raise ConfigError(f"config: data.batch_size: {batch_size} split over {world} processes must leave "
+                          f"whole classes of data.pk_k={pk_k} images on each")
+
+
+def make_loaders(splits, batch_size: int, eval_batch_size: int, num_workers: int, drop_last: bool,
+                 seed: int, world: int, sampler: str = "random", pk_k: int = 4):
+    check_batch_sizes(len(splits.train), batch_size, eval_batch_size, drop_last, world, sampler, pk_k)
     common = dict(num_workers=num_workers,
                   pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
     if sampler == "pk":
-        if (batch_size // world) % pk_k:
-            raise ConfigError(f"config: data.batch_size: {batch_size} split over {world} processes must leave "
-                              f"whole classes of data.pk_k={pk_k} images on each")
         try:
             order = PKSampler(splits.train.labels, batch_size // pk_k, pk_k, seed)
         except ValueError as e:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import List
+
+from toolkit.checkpoint import STATE, read_state
+from toolkit.errors import ToolkitError
 
 
 @dataclass
@@ -19,3 +23,18 @@ class TrainState:
     train_time_s: float = 0.0
     epoch_sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
     log_sums: List[float] = field(default_factory=lambda: [0.0, 0.0])  # loss*n, n since the last log
+    warmup_images: int = 0  # images and training time of the run's first epoch (cuDNN autotuning,
+    warmup_time_s: float = 0.0  # compilation, first allocations), left out of the steady rate
+    lr: float = 0.0  # the learning rate the last update used (what the logs show), first param group
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path) -> "TrainState":
+        """The state saved in a checkpoint; a key this version does not know is one line naming
+        the file (a checkpoint written by another version of the toolkit)."""
+        saved = read_state(checkpoint_dir)
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ToolkitError(f"cannot resume from {checkpoint_dir}: {checkpoint_dir / STATE} has key(s) "
+                               f"{', '.join(unknown)} that this version of the toolkit does not know "
+                               "(written by another version?)")
+        return cls(**saved)

@@ -2,6 +2,7 @@
 module that turns images into feature vectors.
 
     model, record = build_model(cfg.model, seed=cfg.run.seed)   # cfg: toolkit.config.ExtractConfig
+    pre = run_preprocess(cfg.model.run)                          # the run's image size, channels, mean/std
     feats = Extractor(model, "features")(x)                      # x (B, 3, H, W) -> (B, D), L2-normalised
 
 Used by `toolkit/extract.py` (the job) and `toolkit/retrieve.py` (encoding query images exactly
@@ -10,6 +11,8 @@ as the gallery was encoded).
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -19,6 +22,7 @@ from torch import nn
 
 from toolkit.config import Config, ExtractModelConfig, load_config
 from toolkit.errors import ConfigError
+from toolkit.rundir import RunDir
 
 LAYERS_BUILTIN = ("features", "logits")
 
@@ -30,6 +34,28 @@ def load_run_config(run_dir: Path) -> Config:
         raise ConfigError(f"config: model.run: {run_dir} is not a finished training run "
                           "(needs config.yaml and model.safetensors)")
     return load_config(str(run_dir / "config.yaml"))
+
+
+def run_preprocess(run_dir: Path) -> Dict[str, Any]:
+    """What a finished training run fed its model: {"image_size", "channels", "mean", "std"}.
+
+    Read from RUN/data.json, the dataset's own record of what it produced: config.yaml's
+    data.image_size is null whenever the dataset chose the size (digits: 32), and mean/std may
+    have been computed from the training split (digits, cifar). Channels: one mean per channel."""
+    path = RunDir(Path(run_dir)).data
+    try:
+        meta = json.loads(path.read_text())
+        size, mean, std = meta["image_size"], [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    except FileNotFoundError:
+        raise ConfigError(f"config: model.run: {path} is missing: the run does not say which image size and "
+                          "normalisation it was trained with") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"config: model.run: {path} lacks or mangles image_size, mean or std") from None
+    ok = (isinstance(size, int) and not isinstance(size, bool) and size >= 1 and len(mean) == len(std) >= 1
+          and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std))
+    if not ok:
+        raise ConfigError(f"config: model.run: {path} lacks or mangles image_size, mean or std")
+    return {"image_size": size, "channels": len(mean), "mean": mean, "std": std}
 
 
 def build_model(m: ExtractModelConfig, seed: int = 0) -> tuple[nn.Module, Dict[str, Any]]:

@@ -59,6 +59,24 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Sentences of PyTorch's refusal that advise loading the file anyway (weights_only=False, or
+# allowlisting the globals it names): for a file from elsewhere that is what would run its code.
+_UNSAFE_ADVICE = ("weights_only` set to `False", "weights_only=False", "can still be loaded", "Please use",
+                  "add_safe_globals", "safe_globals(", "if you trust")
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line and without PyTorch's advice
+    to load it unsafely: the WeightsUnpickler's own reason when there is one."""
+    text = _ANSI.sub("", str(exc))
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+    why = m.group(1) if m else next((line for line in text.splitlines() if line.strip() and not any(
+        a in line for a in _UNSAFE_ADVICE)), type(exc).__name__)
+    why = why.split(" Please use")[0].split(" was not an allowed global")[0]  # the advice follows
+    return _one_line(why)[:200]
+
+
 def is_enum_spec(spec: str) -> bool:
     """True when SPEC names torchvision weights rather than a file (an existing file wins)."""
     if os.path.exists(spec) or spec.lower().endswith(_STATE_SUFFIXES) or "/" in spec or os.sep in spec:
@@ -127,12 +145,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  refused pickle, corrupt file, ...: one line, never a fallback
-        text = str(e)
-        m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
-        why = m.group(1) if m else (text.strip().splitlines() or [type(e).__name__])[0]
-        why = why.split(" Please use")[0].split(" was not an allowed global")[0]  # no unsafe advice
         raise ConfigError(f"{KEY}: {p} is not a state dict that loads safely (torch.load with "
-                          f"weights_only=True: {_one_line(why)[:200]}); save a plain state dict "
+                          f"weights_only=True: {refusal_reason(e)}); save a plain state dict "
                           f"or a .safetensors file") from None
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "model_state_dict"):
