@@ -484,7 +484,8 @@ EXTRACT_CHOICES = _choice_fields(ExtractConfig)
 def test_every_mode_field_is_a_choice():
     keys = {k for k, _ in TRAIN_CHOICES}
     assert keys == {"data.loader", "data.decode", "data.sampler", "model.freeze", "loss.distance",
-                    "train.precision", "train.tta", "train.nonfinite", "log.progress"}
+                    "train.precision", "train.tta", "train.nonfinite", "log.progress", "train.monitor",
+                    "train.test_weights"}
     assert {k for k, _ in EXTRACT_CHOICES} == {"data.split", "data.loader", "extract.precision"}
     for _, enum in TRAIN_CHOICES + EXTRACT_CHOICES:
         assert all(m.name == m.value for m in enum)  # OmegaConf converts a word by member name

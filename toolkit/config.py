@@ -97,6 +97,18 @@ class Progress(Choice):
     none = "none"
 
 
+class Monitor(Choice):
+    """The per-epoch metric that picks the best epoch (and drives early stopping)."""
+    val_acc = "val_acc"  # higher is better
+    val_loss = "val_loss"  # lower is better
+
+
+class TestWeights(Choice):
+    last = "last"
+    best = "best"
+    both = "both"
+
+
 class Split(Choice):
     train = "train"
     val = "val"
@@ -220,6 +232,10 @@ class TrainConfig:
     # step, checkpoint and epoch end, and the first check that finds one stops the run
     nonfinite: NonFinite = NonFinite.skip
     dist_timeout_s: int = 600  # collective timeout: a dead rank ends the job after this
+    monitor: Monitor = Monitor.val_acc  # picks the best epoch: RUN/model_best.safetensors
+    test_weights: TestWeights = TestWeights.both  # which weights the test split measures: last | best | both
+    early_stop_patience: int = 0  # > 0: stop a stage after this many epochs without improvement
+    early_stop_min_delta: float = 0.0  # improvement needed to reset the patience (in the metric's units)
 
 
 @dataclass
@@ -574,6 +590,8 @@ def validate(cfg: Config) -> None:
     _need(list(s.milestones) == sorted(set(s.milestones)), "sched.milestones",
           f"must be strictly increasing, got {list(s.milestones)}")
     _need(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    _need(t.early_stop_patience >= 0, "train.early_stop_patience", f"must be >= 0, got {t.early_stop_patience}")
+    _need(t.early_stop_min_delta >= 0, "train.early_stop_min_delta", f"must be >= 0, got {t.early_stop_min_delta}")
     _need(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
           f"must be > 0 or null, got {t.clip_grad_norm}")
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0: off), got {t.ema_decay}")

@@ -257,8 +257,8 @@ def run_trial(flat: Dict[str, Any], sweep_json: str) -> None:
     last: List[Dict[str, Any]] = []
 
     def report(row: Dict[str, Any]) -> None:
-        if row["epoch"] == cfg.train.epochs:  # after the test, below: a scheduler that stops
-            last.append(row)                 # the trial at its last report cuts nothing short
+        if row["last_epoch"]:  # reported after the test, below: a scheduler that stops the trial
+            last.append(row)   # at its last report cuts nothing short (early stopping included)
             return
         ckpt = tune.Checkpoint.from_directory(row["checkpoint"]) if sweep.scheduler == "pbt" else None
         tune.report(_report_row(row), checkpoint=ckpt)
@@ -286,7 +286,7 @@ def _worker_loop(loop_config: Dict[str, Any]) -> None:
     last: List[Dict[str, Any]] = []
 
     def report(row: Dict[str, Any]) -> None:
-        if row["epoch"] == cfg.train.epochs:
+        if row["last_epoch"]:
             last.append(row)
         else:
             ray.train.report(_report_row(row))
@@ -769,9 +769,13 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
                     callbacks=[sign_callback_class()()]))
             sign_tuner_state(tuner, sweep_dir)
         t0 = time.perf_counter()
-        grid = tuner.fit()
+        _quiet_trial_failures()
+        try:
+            grid, failure = tuner.fit(), None
+        except Exception as e:  # noqa: BLE001 (Ray itself failed: the trials' run directories still say what ran)
+            grid, failure = None, e
         wall = time.perf_counter() - t0
-        return summarize(sweep, grid, wall)
+        return summarize(sweep, grid, wall, failure)
     finally:
         ray.shutdown()
 
@@ -799,46 +803,114 @@ def _epoch_rows(run_dir: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def _one_line(err: Any) -> str:
+    """A trial's error as one short line. A worker that died without raising (the OOM killer, a
+    signal) says so instead of Ray's paragraph; otherwise the last line, the original exception."""
+    text = str(err).strip()
+    if "worker process has died" in text or "actor died unexpectedly" in text:
+        return ("its process died without an error (killed: out of memory, or a signal; "
+                "dmesg tells an OOM kill)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+def _grid_results(grid) -> Dict[str, Any]:
+    """Trial id -> Ray's result, for as many trials as Ray can still report on."""
+    out: Dict[str, Any] = {}
+    if grid is None:
+        return out
+    try:
+        for result in grid:
+            if result.path:
+                out[Path(result.path).name] = result
+    except Exception:  # noqa: BLE001 (a half-built result grid: the run directories stand in)
+        pass
+    return out
+
+
+def _flat_from_run(run_dir: Path, keys: List[str]) -> Dict[str, Any]:
+    """The space's settings as the trial's config.yaml records them (when Ray cannot say)."""
+    try:
+        cfg = yaml.safe_load(RunDir(run_dir).config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        if isinstance(cfg.get(section), dict) and name in cfg[section]:
+            out[key] = cfg[section][name]
+    return out
+
+
 def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
-    """One row per trial, from Tune's results and the trial's own run directory."""
+    """One row per trial, from the trial's own run directory and what Ray reports on it. Every
+    run directory under SWEEP/runs/ gets a row, so the table is whole even when Ray failed
+    (grid None) or lost track of a trial."""
     keys = load_space(sweep.space).keys
+    results = _grid_results(grid)
+    runs_dir = Path(sweep.dir) / "runs"
+    on_disk = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     rows = []
-    for result in grid:
-        trial_id = Path(result.path).name
-        run_dir = Path(sweep.dir) / "runs" / trial_id
+    for trial_id in [*results, *(t for t in on_disk if t not in results)]:
+        result = results.get(trial_id)
+        run_dir = runs_dir / trial_id
         summary = _read_json(RunDir(run_dir).summary)
         epochs = _epoch_rows(run_dir)
         values = [r[sweep.metric] for r in epochs if sweep.metric in r]
         best = (max if sweep.mode == "max" else min)(values) if values else None
-        status = "error" if result.error else "done" if summary else "stopped"
+        error = getattr(result, "error", None)
+        status = "error" if error else "done" if summary else "stopped" if result is not None else "unfinished"
+        flat = expand(result.config or {}) if result is not None else _flat_from_run(run_dir, keys)
         row = {"trial": trial_id, "status": status,
-               **{k: expand(result.config or {}).get(k) for k in keys},
+               **{k: flat.get(k) for k in keys},
                "epochs": len(epochs), sweep.metric: values[-1] if values else None, f"best_{sweep.metric}": best,
                "test_acc": summary.get("test_acc"), "train_time_s": summary.get("train_time_s"),
                "wall_s": summary.get("wall_s"), "node": _read_json(RunDir(run_dir).trial).get("node_id", "")[:12],
-               "run_dir": str(run_dir),
-               "error": str(result.error).strip().splitlines()[-1][:200] if result.error else ""}
-        row["_flat"] = expand(result.config or {})  # what the trial set (not a csv column)
+               "run_dir": str(run_dir), "error": _one_line(error) if error else ""}
+        row["_flat"] = flat  # what the trial set (not a csv column)
         rows.append(row)
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (r[sweep.metric] is None, -r["epochs"], sign * (r[sweep.metric] or 0)))
     return rows
 
 
-def summarize(sweep: Sweep, grid, wall_s: float) -> int:
+def _quiet_trial_failures() -> None:
+    """Ray Tune logs a failed trial with its whole traceback (tens of lines for a worker the OOM
+    killer took) in the middle of the sweep's output. Keep its one line; the traceback stays in
+    SWEEP/tune/TRIAL/error.txt and the sweep ends with one `error:` line per failed trial."""
+    import logging
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info:
+                record.msg = f"{record.getMessage()} (traceback: the trial's error.txt under SWEEP/tune/)"
+                record.args, record.exc_info, record.exc_text = None, None, None
+            return True
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(type(f).__name__ == "_NoTraceback" for f in logger.filters):
+        logger.addFilter(_NoTraceback())
+
+
+def summarize(sweep: Sweep, grid, wall_s: float, failure: Optional[BaseException] = None) -> int:
+    """results.csv, the table, best.yaml, compare.png and report.html from the trials' run
+    directories, whatever happened to Ray (`failure`: what tuner.fit raised, or None); then one
+    `error:` line (stderr) per failed trial and for Ray's own failure."""
     from rich.console import Console
     from rich.table import Table
 
     from toolkit import report
 
     sweep_dir = Path(sweep.dir)
+    keys = load_space(sweep.space).keys
     rows = trial_rows(sweep, grid)
+    columns = ["trial", "status", *keys, "epochs", sweep.metric, f"best_{sweep.metric}", "test_acc", "train_time_s",
+               "wall_s", "node", "run_dir", "error"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[k for k in rows[0] if k != "_flat"], extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic_text(sweep_dir / "results.csv", buf.getvalue())
-    keys = load_space(sweep.space).keys
     table = Table(title=f"sweep {sweep.name}: {len(rows)} trials, {sweep.metric} ({sweep.mode}), {wall_s:.0f} s")
     for col in ["trial", "status", *keys, "epochs", sweep.metric, "test_acc"]:
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
@@ -858,18 +930,26 @@ def summarize(sweep: Sweep, grid, wall_s: float) -> int:
         write_atomic_text(sweep_dir / "best.yaml", text)
         console.print(f"best: {best['trial']} ({', '.join(f'{k}={v}' for k, v in flat.items())}) -> "
                       f"{sweep_dir / 'best.yaml'}")
-    runs = [Path(r["run_dir"]) for r in rows if RunDir(Path(r["run_dir"])).metrics.is_file()]
+    runs = [r for r in rows if RunDir(Path(r["run_dir"])).metrics.is_file()]
     if runs:
-        try:
-            report.compare(runs, sweep_dir)
+        try:  # a trial that did not finish shows its last values, marked by its status
+            report.compare([Path(r["run_dir"]) for r in runs], sweep_dir,
+                           status={r["run_dir"]: r["status"] for r in runs})
         except Exception as e:  # noqa: BLE001 (the results are written; a plot is not worth the exit code)
             console.print(f"warning: compare.png not written: {e}")
     console.print(f"results: {sweep_dir / 'results.csv'}; curves: {sweep_dir / 'compare.png'}; "
                   f"TensorBoard: tensorboard --logdir {sweep_dir / 'runs'}")
     failed = [r for r in rows if r["status"] == "error"]
-    for r in failed:
-        console.print(f"error: trial {r['trial']} failed after {sweep.max_failures} retries: {r['error']}")
-    return 1 if failed else 0
+    for r in failed:  # plain lines on stderr, last: never wrapped, never buried in the table
+        print(f"error: trial {r['trial']} failed after {sweep.max_failures} retries: {r['error']} "
+              f"(details: {sweep_dir / 'tune' / r['trial'] / 'error.txt'})", file=sys.stderr, flush=True)
+    if failure is not None:
+        text = str(failure).strip()
+        print(f"error: Ray stopped the sweep: {type(failure).__name__}"
+              f"{': ' + text.splitlines()[0][:200] if text else ''}; the results above are what the trials' run "
+              f"directories hold; finish it with python -m toolkit.tune --resume --name {sweep.name}",
+              file=sys.stderr, flush=True)
+    return 1 if failed or failure is not None else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -25,6 +25,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, ProjectConfiguration,
                               broadcast_object_list, set_seed)
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -35,6 +36,7 @@ from toolkit.data import DATASETS
 from toolkit.data.base import collate_for
 from toolkit.data.noise import flip_labels
 from toolkit.ema import ModelEma
+from toolkit.engine.best import BestEpoch, copy_weights
 from toolkit.engine.evaluate import evaluate, plot_sample
 from toolkit.engine.loop import train_epoch
 from toolkit.engine.resume import EMA_FILE, apply_optim_hparams, find_resume, load_ema, load_resume
@@ -43,6 +45,7 @@ from toolkit.engine.state import TrainState
 from toolkit.errors import ConfigError, disk_full
 from toolkit.faults import Faults
 from toolkit.models import MODELS
+from toolkit.models.freeze import unwrap
 from toolkit.preempt import Preemption
 from toolkit.tracking import Tracker
 
@@ -114,33 +117,41 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     stack.callback(preempt.close)
     saver = Checkpointer(accelerator, run.checkpoints, config_yaml, t.keep_last, t.checkpoint_every_steps, ema,
                          preempt)
+    saver.best_weights = load_best_weights(resume_path, state, tracker)
+    best = BestEpoch(str(t.monitor), t.early_stop_patience, t.early_stop_min_delta)
     faults = Faults.from_env()
-    for epoch in range(state.epoch, t.epochs):
-        state.epoch = epoch
+    while state.epoch < t.epochs and not state.stopped_early:
+        epoch = state.epoch
         if len(stages) > 1 and epoch == stage.start and state.batch == 0:
             tracker.print(_stage_line(stage, len(stages), stage_run.num_trainable))
         row = run_epoch(cfg, stage_run, accelerator, state, tracker, faults, saver, num_classes)
         if epoch == 0:  # the warm-up epoch, left out of the steady rate (summary.json)
             state.warmup_images, state.warmup_time_s = state.images, state.train_time_s
+        if best.update(row, state):  # every rank alike: the validation numbers are gathered
+            saver.best_weights = copy_weights(accelerator, stage_run.eval_model)
         if len(stages) > 1:
             row["stage"] = stage.name
         tracker.log("epoch", state.step, row)
         tracker.print(_epoch_line(row, t.epochs))
         state.epoch, state.batch, state.epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
-        if state.epoch < t.epochs and state.epoch >= stage.end:  # the next epoch opens a new stage:
-            stage = stage_at(stages, state.epoch)  # switch first, so its checkpoint holds the new stage
-            stage_run.close()
+        if best.should_stop(state) and state.epoch < stage.end:  # (at the stage's end it ends anyway)
+            tracker.print(stop_early(best, state, stage, t.epochs))
+        if state.epoch < t.epochs and state.epoch >= stage.end and not state.stopped_early:
+            stage = stage_at(stages, state.epoch)  # the next epoch opens a new stage: switch first,
+            stage_run.close()  # so that its checkpoint holds the new stage
             stage_run = StageRun(accelerator, raw_model, splits, stage, cfg.run.seed, num_classes, loader_kind, ema)
+            best.new_stage(state)
         saved = saver.save(state)
+        done = state.epoch >= t.epochs or bool(state.stopped_early)
         if on_epoch_end is not None:  # the row, and the checkpoint that holds this epoch's end
-            on_epoch_end({**row, "checkpoint": str(saved)})
-        if state.epoch < t.epochs:
+            on_epoch_end({**row, "checkpoint": str(saved), "last_epoch": done})
+        if not done:
             saver.stop_if_requested(state, saved)
     preempt.close()  # the run is past its last checkpoint: Ctrl-C during the test stops at once
     tracker.close()
     summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, t_start=t_start,
                      resumed_from=resume_path, num_params=sum(p.numel() for p in raw_model.parameters()),
-                     warnings=warnings)
+                     warnings=warnings, best_weights=saver.best_weights)
     accelerator.end_training()
     return summary
 
@@ -299,6 +310,29 @@ def resume_into(accelerator: Accelerator, stage_run: StageRun, ema: Optional[Mod
     return state
 
 
+def load_best_weights(path: Optional[Path], state: TrainState, tracker: Tracker) -> Optional[Dict[str, torch.Tensor]]:
+    """The best epoch's weights from the checkpoint a run resumes (every rank reads them), or None."""
+    if path is None or state.best_metric_epoch < 0:
+        return None
+    f = path / rundir.MODEL_BEST
+    if not f.is_file():  # a checkpoint from before best weights were kept
+        tracker.print(f"{path.name} has no {rundir.MODEL_BEST}: the best weights start again from the next epoch")
+        state.best_metric, state.best_metric_epoch = None, -1
+        return None
+    return load_file(str(f))
+
+
+def stop_early(best: BestEpoch, state: TrainState, stage: Stage, epochs: int) -> str:
+    """Early stopping ends the stage: the run, or on to the next stage. Returns the log line."""
+    if stage.end >= epochs:
+        state.stopped_early = state.epoch
+        return f"early stop after epoch {state.epoch}: {best.reason(state)}"
+    skipped, last = stage.end - state.epoch, state.epoch
+    state.epoch = stage.end
+    return (f"early stop of stage {stage.name!r} after epoch {last}: {best.reason(state)}; "
+            f"its last {skipped} epoch(s) are skipped")
+
+
 # ------------------------------------------------------------------------------------------
 # epochs
 
@@ -312,10 +346,16 @@ class Checkpointer:
         self.accelerator, self.root, self.config_yaml = accelerator, root, config_yaml
         self.keep_last, self.every, self.ema, self.preempt = keep_last, every, ema, preempt
 
+    best_weights: Optional[Dict[str, torch.Tensor]] = None  # the best epoch's, saved with every checkpoint
+
     def save(self, state: TrainState) -> Path:
-        extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else None
+        extra = {}
+        if self.ema is not None:
+            extra[EMA_FILE] = self.ema.state_dict()
+        if self.best_weights is not None:  # covered by the checkpoint's checksums like the rest
+            extra[rundir.MODEL_BEST] = self.best_weights
         return checkpoint.save(self.accelerator, self.root, state.step, dataclasses.asdict(state),
-                               self.config_yaml, self.keep_last, extra=extra)
+                               self.config_yaml, self.keep_last, extra=extra or None)
 
     def on_step(self, state: TrainState, read_sums: Callable[[], torch.Tensor], batches: int) -> None:
         """After an optimizer step; `batches` in the epoch (the last batch's checkpoint is the epoch's)."""
@@ -369,11 +409,26 @@ def _evaluate(stage_run: StageRun, loader, split: str, accelerator: Accelerator,
 
 def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, tracker: Tracker,
            run: rundir.RunDir, state: TrainState, num_classes: int, *, t_start: float, resumed_from: Optional[Path],
-           num_params: int, warnings: List[str]) -> Dict[str, Any]:
-    """Test, save RUN/model.safetensors, the summary and the result files; returns the summary.
-    `t_start`: when fit began (wall_s counts everything up to the summary); `warnings`: what
-    run_warnings said at the start, kept in the summary."""
+           num_params: int, warnings: List[str], best_weights: Optional[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+    """Save RUN/model.safetensors (last) and RUN/model_best.safetensors, test, write the summary and
+    the result files; returns the summary. `t_start`: when fit began (wall_s counts everything up
+    to the summary); `warnings`: what run_warnings said at the start, kept in the summary.
+
+    train.test_weights: `both` tests the last weights (test_acc, the confusion matrix, the plots)
+    and the best (test_acc_best); `last` only the last; `best` only the best, whose numbers then
+    fill test_acc and the rest (`tested_weights` in the summary says which)."""
     t, d, log = cfg.train, cfg.data, cfg.log
+    # RUN/model.safetensors: the last epoch's weights (the average, with EMA)
+    save_final_weights(accelerator, stage_run.eval_model, run)
+    if best_weights is not None:
+        tracker.save_tensors(rundir.MODEL_BEST, best_weights)
+    can_load = best_weights is not None and accelerator.distributed_type != DistributedType.DEEPSPEED
+    if best_weights is not None and not can_load and t.test_weights != "last":
+        warnings = warnings + ["the best weights are saved but not tested under DeepSpeed (its engine holds "
+                               "the parameters); test RUN/model_best.safetensors with toolkit.predict"]
+    tested = "best" if t.test_weights == "best" and can_load else "last"
+    if tested == "best":
+        unwrap(stage_run.eval_model).load_state_dict(best_weights)
     sample = functools.partial(plot_sample, most=log.embed_max, seed=cfg.run.seed)
     test = _evaluate(stage_run, stage_run.test_dl, "test", accelerator, num_classes, t,
                      keep=sample(len(splits.test)) if log.plots else None)
@@ -383,13 +438,21 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
                                                        collate_fn=collate_for(splits.train), num_workers=d.num_workers))
         train_eval = _evaluate(stage_run, train_eval_dl, "train", accelerator, num_classes, t,
                                keep=sample(len(splits.train)))
+    best_test = None
+    if t.test_weights == "both" and can_load:
+        unwrap(stage_run.eval_model).load_state_dict(best_weights)
+        best_test = _evaluate(stage_run, stage_run.test_dl, "test", accelerator, num_classes, t)
     accelerator.wait_for_everyone()
-    # RUN/model.safetensors: the weights the test accuracy belongs to (the average, with EMA)
-    save_final_weights(accelerator, stage_run.eval_model, run)
     summary = {
         "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "tested_weights": tested,
+        "test_acc_best": best_test["acc"] if best_test else None,
+        "test_top5_best": best_test["top5"] if best_test else None,
+        "test_loss_best": best_test["loss"] if best_test else None,
+        "monitor": str(t.monitor), "best_epoch": state.best_metric_epoch, "best_metric": state.best_metric,
+        "stopped_early": state.stopped_early or None,
         "num_test_samples": test["num_samples"], "best_val_acc": state.best_val_acc,
-        "best_epoch": state.best_epoch, "epochs": t.epochs, "steps": state.step,
+        "best_val_acc_epoch": state.best_epoch, "epochs": t.epochs, "steps": state.step,
         **training_rates(state), "train_time_s": state.train_time_s,
         "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
@@ -399,7 +462,8 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
         "resumed_from": str(resumed_from) if resumed_from else None, "warnings": warnings,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
     }
-    tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"]})
+    tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"],
+                                     **({"acc_best": best_test["acc"]} if best_test else {})})
     tracker.write_json(rundir.SUMMARY, summary)  # before the plots, which read it
     tracker.write_text(run.confusion("test").name, confusion_csv(splits.class_names, test["confusion"]))
     tracker.write_json(rundir.DATA, splits.meta)

@@ -130,7 +130,8 @@ def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
 # seed, ...) is part of what the checkpoint means, so a different value is refused.
 RESUME_MAY_CHANGE = ("run.dir", "run.name", "train.resume", "train.epochs", "train.checkpoint_every_steps",
                      "train.keep_last", "train.preempt_check_steps", "train.dist_timeout_s", "data.num_workers",
-                     "data.eval_batch_size", "log.")
+                     "data.eval_batch_size", "train.test_weights", "train.early_stop_patience",
+                     "train.early_stop_min_delta", "log.")
 
 
 def resume_checkpoint(resume: str, run_dir: Optional[str]) -> Optional[Path]:

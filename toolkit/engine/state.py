@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from toolkit.checkpoint import STATE, read_state
 from toolkit.errors import ToolkitError
@@ -25,6 +25,11 @@ class TrainState:
     log_sums: List[float] = field(default_factory=lambda: [0.0, 0.0])  # loss*n, n since the last log
     warmup_images: int = 0  # images and training time of the run's first epoch (cuDNN autotuning,
     warmup_time_s: float = 0.0  # compilation, first allocations), left out of the steady rate
+    best_metric: Optional[float] = None  # train.monitor's best value so far (the run's best epoch)
+    best_metric_epoch: int = -1
+    stage_best: Optional[float] = None  # early stopping: the best of the current stage, and the
+    epochs_without_improvement: int = 0  # epochs since it improved by more than min_delta
+    stopped_early: int = 0  # the epoch after which early stopping ended the run (0: it did not)
     lr: float = 0.0  # the learning rate the last update used (what the logs show), first param group
 
     @classmethod
