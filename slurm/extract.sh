@@ -4,7 +4,7 @@
 #SBATCH --job-name=toolkit-extract
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=4
+##SBATCH --cpus-per-task=16
 #SBATCH --time=12:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
@@ -16,7 +16,9 @@
 # Shard k of the dataset goes to rank k % world size; finished shards are kept, so a requeued
 # or resubmitted job (same run.dir) only does what is missing. Without run.dir or model.run the
 # output is runs/slurm/extract-JOBID/features. On SIGUSR1 the job requeues itself: the shards
-# written so far stay, the rest are redone on restart.
+# written so far stay, the rest are redone on restart. CPUs: as slurm/train.sh (none requested
+# here; sbatch --cpus-per-task=N for more). Exit codes: 0 done (or requeued), 2 bad input (never
+# requeued), else the step's.
 set -uo pipefail
 source "${SLURM_SUBMIT_DIR:?run this through sbatch}/slurm/lib.sh"
 
@@ -25,9 +27,12 @@ case " $* " in
   *" run.dir="*|*" model.run="*) ;;
   *) ARGS+=("run.dir=runs/slurm/extract-$(job_ref)") ;;
 esac
-OUT=$("$PY" -c 'import sys; from toolkit.config import load_extract_config; from toolkit.extract import features_dir
-print(features_dir(load_extract_config(sys.argv[1], sys.argv[2:])))' "$CONFIG" "${ARGS[@]}" 2>&1) \
-  || fail "$(echo "$OUT" | tail -n1 | sed 's/^[A-Za-z]*Error: //')"
+# Check everything here, once, before any node starts: the config, the paths, the model with its
+# weights (model.run / model.pretrained) loaded, the data, the sizes and one forward pass. Bad input
+# fails in one line (the `error:` toolkit.extract prints), exit 2, no requeue. It prints the
+# features directory.
+OUT=$("$PY" -m toolkit.extract --check-only --config "$CONFIG" "${ARGS[@]}") || exit 2
+OUT=$(tail -n1 <<<"$OUT")
 plan_processes
 run_step toolkit/extract.py "$OUT" --config "$CONFIG" "${ARGS[@]}"
 requeue_if_preempted "$OUT/meta.json"

@@ -5,7 +5,7 @@
 #SBATCH --job-name=toolkit-sweep
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=4
+##SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
@@ -15,9 +15,10 @@
 #
 # A Ray cluster inside the allocation: the head on the first node (in the batch shell), a Ray
 # worker node on each other node (one srun step), each offering its node's CPUs
-# (SLURM_CPUS_ON_NODE) and GPUs; then `python -m toolkit.tune --address HEAD:PORT` with the
-# options given here. Ray's ports come from the job id (a window of 50 in 10000-19999), its files
-# go to /tmp/ray-JOBID-NODE (TOOLKIT_RAY_TMP=DIR for another root), no dashboard. When the sweep
+# (SLURM_CPUS_ON_NODE: none are requested here, so that the job starts on any partition; SLURM's
+# default, or sbatch --cpus-per-task=N) and GPUs; then `python -m toolkit.tune --address HEAD:PORT`
+# with the options given here. Ray's ports come from the job id (a window of 50 in 10000-19999),
+# its files go to /tmp/ray-JOBID-NODE (TOOLKIT_RAY_TMP=DIR for another root), no dashboard. When the sweep
 # ends, and on scancel or the time limit, every node's Ray is stopped through its own
 # `ray start --block` (never `ray stop`: it stops every Ray instance on the machine). A cancelled
 # sweep continues with `sbatch slurm/sweep.sh --resume --name NAME` (the log says NAME).

@@ -40,7 +40,9 @@ def cluster(tmp_path_factory):
 
 
 def sbatch(env, args, extra_env=None) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", *args], cwd=ROOT,
+    """`sbatch ARGS` as the README writes it: no --cpus-per-task (the local nodes have 1 CPU each;
+    a template that asked for more would never start, see wait_done)."""
+    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT,
                           env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -52,6 +54,9 @@ def job(env, jid) -> dict:
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+# PENDING for one of these reasons: the request exceeds what the partition's nodes have (a template's
+# --cpus-per-task=4 on 1-CPU nodes was one), so the job would wait for ever
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "BadConstraints")
 
 
 def wait_done(env, jid, timeout=300) -> dict:
@@ -60,6 +65,10 @@ def wait_done(env, jid, timeout=300) -> dict:
         info = job(env, jid)
         if info.get("JobState") in ENDED:
             return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_STARTS:
+            subprocess.run(["scancel", jid], env=env)
+            pytest.fail(f"job {jid} can never start here: PENDING, Reason={info['Reason']} "
+                        f"(NumCPUs={info.get('NumCPUs')}, MinCPUsNode={info.get('MinCPUsNode')})")
         time.sleep(0.25)
     subprocess.run(["scancel", jid], env=env)
     pytest.fail(f"job {jid} did not end in {timeout} s: {job(env, jid).get('JobState')}")
@@ -106,6 +115,7 @@ def test_two_nodes_train_with_world_size_2(cluster, logs, tmp_path):
     text = log(jid)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert "toolkit: 2 machine(s), world size 2" in text and "2 process(es), MULTI_CPU" in text
+    assert "1 CPU(s) per node" in text  # what SLURM gave each node, not a fixed request
     s = summary(run)
     assert s["world_size"] == 2 and s["epochs"] == 3
     ref = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "toolkit.train", "--config", DEMO, *TINY,
@@ -166,15 +176,56 @@ def test_two_node_extraction_equals_one_process(cluster, logs, tmp_path):
     (["slurm/train.sh", DEMO, "optim.lrr=1"], {}, "error: config: optim.lrr"),
     (["slurm/train.sh", DEMO], {"GPUS_PER_NODE": "1"}, "error: GPUS_PER_NODE=1 but"),
     (["slurm/extract.sh", "configs/extract_digits.yaml", "extract.layerr=x"], {}, "extract.layerr"),
+    # the model's weights are loaded before any node starts, not by every rank after they did
+    (["slurm/extract.sh", "configs/extract_digits.yaml", "model.name=lenet", "model.pretrained=no/such.safetensors"],
+     {}, "model.pretrained: state-dict file 'no/such.safetensors' does not exist"),
 ])
 def test_bad_input_fails_fast_without_requeue(cluster, logs, args, extra_env, needle):
     env, _ = cluster
     jid = sbatch(env, ["-N1", *args], extra_env)
     logs.append(jid)
     info = wait_done(env, jid, timeout=120)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
     text = "".join(p.read_text() for p in ROOT.glob(f"toolkit-*-{jid}.out"))
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", text[-2000:]
     assert needle in text, text[-2000:]
+    assert "world size" not in text and "Traceback" not in text, text[-2000:]  # no node was started
+
+
+def test_extract_check_only_loads_the_weights_and_creates_nothing(tmp_path, capsys):
+    """What slurm/extract.sh runs before any node starts (no cluster needed): the model's weights
+    read and loaded, one line and exit 2 when they are missing or unusable, nothing written."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from toolkit.extract import main
+    from toolkit.models import MODELS
+
+    run = tmp_path / "run"  # a finished digits training run, as model.run sees one
+    run.mkdir()
+    (run / "config.yaml").write_text(Path(DEMO).read_text())
+    (run / "data.json").write_text(json.dumps({"image_size": 32, "mean": [0.2] * 3, "std": [0.3] * 3}))
+    save_file(MODELS.build("lenet", num_classes=10).state_dict(), str(run / "model.safetensors"))
+    extract = ["--check-only", "--config", str(ROOT / "configs" / "extract_digits.yaml")]
+
+    assert main([*extract, f"model.run={run}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "features")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data.json", "model.safetensors"]
+
+    (tmp_path / "other.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    save_file(MODELS.build("base_cnn", num_classes=10).state_dict(), str(run / "model.safetensors"))
+    cases = [([f"model.run={run}"], "does not fit lenet"),  # another model's weights
+             ([f"model.run={tmp_path / 'other.safetensors'}"], "is not a finished training run"),
+             (["model.name=lenet", f"model.pretrained={tmp_path / 'no.safetensors'}"], "does not exist"),
+             (["model.name=lenet", f"model.pretrained={run / 'data.json'}"], "model.pretrained")]  # not weights
+    for args, needle in cases:
+        assert main([*extract, *args, f"run.dir={tmp_path / 'out'}"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (args, err)
+    (run / "model.safetensors").unlink()
+    assert main([*extract, f"model.run={run}"]) == 2  # the weights file gone
+    assert "needs config.yaml and model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (run / "features").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -454,7 +454,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", "-c", help="YAML config (configs/extract_*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check-only", action="store_true",
+                   help="make every check the extraction makes before it starts (config, paths, the model with "
+                        "its weights loaded, data, sizes, one forward pass) in this process, create nothing, "
+                        "print the features directory and exit (slurm/extract.sh runs it before any node starts)")
     return p.parse_args(argv)
+
+
+def check_only(cfg: ExtractConfig) -> Path:
+    """`--check-only`: the checks `_extract` makes before its Accelerator starts, the same calls in
+    the same order (keep the two in step), in this one process; nothing is created.
+    -> the features directory."""
+    if cfg.extract.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("config: extract.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
+    out = features_dir(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config: run.dir: {out} exists and is not a directory")
+    _check_rerun(out, cfg)
+    pre = run_preprocessing(cfg)
+    check_sizes(cfg, _image_size(cfg, pre) or (DEFAULT_IMAGE_SIZE if cfg.data.name == "folder" else None))
+    model, _ = build_model(cfg.model, cfg.run.seed)  # model.run's / model.pretrained's weights, loaded
+    source = build_source(cfg, pre)
+    size = source.preprocess.get("image_size")
+    check_sizes(cfg, size)
+    check_model_takes(Extractor(model, cfg.extract.layer, cfg.extract.l2_normalize), size, cfg.model.run)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -465,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_extract_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
+            return None
+        if args.check_only:
+            print(check_only(cfg))
             return None
         return extract(cfg)
 

@@ -5,6 +5,12 @@
     python -m toolkit.retrieve eval   --features RUN/features --topk 1,5,10        # leave-one-out
     python -m toolkit.retrieve eval   --features GALLERY/features --queries QUERIES/features
     python -m toolkit.retrieve pairs  --features RUN/features a.jpg b.jpg c.jpg   # E3's distance table
+    python -m toolkit.retrieve pairs  --features RUN/features --rows 0 5 17      # gallery rows (datasets)
+
+Features of a dataset split (digits, cifar10, ...) have no image files: name gallery rows instead
+(`search --query-index N`, `pairs --rows N N ...`; rows as in manifest.csv), and `--grid` draws
+the rows' images from the split itself, rebuilt as the extraction built it (FEATURES/config.yaml)
+and shown as they were before normalisation.
 
 Similarity is the dot product of L2-normalised features (cosine); the Euclidean distance
 between normalised vectors is sqrt(2 - 2 cos), which ranks identically. Exact search is a
@@ -168,16 +174,19 @@ def retrieval_metrics(q_feats: torch.Tensor, q_labels: torch.Tensor, g_feats: to
 
 
 class QueryEncoder:
-    """Encodes image files exactly as the features in DIR were extracted (model, layer, size)."""
+    """Encodes image files exactly as the features in DIR were extracted (model, layer, size).
+    `what` and `by_row` name, in the refusal for a dataset's features, the option that took the
+    files and the one that names gallery rows instead (each command has its own)."""
 
-    def __init__(self, features_dir: Path, meta: Dict[str, Any]):
+    def __init__(self, features_dir: Path, meta: Dict[str, Any], what: str = "--query",
+                 by_row: str = "--query-index N"):
         from toolkit.config import load_extract_config
         from toolkit.features import Extractor, build_model
 
         pre = meta["preprocess"]
         if pre.get("kind") != "resize_center_crop":
-            raise ConfigError(f"--query: the features in {features_dir} come from the {pre.get('dataset')} dataset, "
-                              "not from image files; query by row with --query-index")
+            raise ConfigError(f"{what}: the features in {features_dir} come from the {pre.get('dataset')} dataset, "
+                              f"not from image files; name gallery rows with {by_row}")
         cfg = load_extract_config(str(Path(features_dir) / "config.yaml"))
         model, _ = build_model(cfg.model, cfg.run.seed)
         self.extractor = Extractor(model, meta["layer"], True).eval()
@@ -265,6 +274,7 @@ def cmd_search(args) -> int:
                                    args.topk, exclude)
     results = []
     console = _console()
+    query_rows = [args.query_index] if args.query_index is not None else [None] * len(names)
     for qi, name in enumerate(names):
         table = Table(title=f"top {scores.shape[1]} for {name}")
         for col in ("rank", "cosine", "euclidean", "class", "path"):
@@ -277,35 +287,107 @@ def cmd_search(args) -> int:
             hits.append({"rank": r, "row": row, "cosine": s, "euclidean": dist, "class": m["class"],
                          "path": m["path"]})
         console.print(table)
-        results.append({"query": name, "results": hits})
+        entry: Dict[str, Any] = {"query": name, "results": hits}
+        if query_rows[qi] is not None:
+            entry["query_row"] = query_rows[qi]
+        results.append(entry)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.grid:
-        if meta["preprocess"].get("kind") != "resize_center_crop":
-            raise ConfigError("--grid: the gallery is not image files (it came from a dataset); nothing to draw")
-        write_grid(results, args.grid)
+        write_grid(results, args.grid, GalleryImages(args.features, meta, manifest))
         print(f"wrote {args.grid}")
     return 0
 
 
-def write_grid(results: List[Dict[str, Any]], out: Path) -> None:
+class GalleryImages:
+    """The picture of a gallery row, for grids: its file where the row is an image file, else its
+    image in the dataset split the features came from, rebuilt as the extraction built it
+    (FEATURES/config.yaml: data.root, split_seed, limit; meta.json: dataset, split, size) and
+    checked against the manifest (image count, each drawn row's label)."""
+
+    def __init__(self, features_dir: Path, meta: Dict[str, Any], manifest: List[Dict[str, str]]):
+        self.features_dir, self.meta, self.manifest = Path(features_dir), meta, manifest
+        self._split: Optional[tuple] = None  # (dataset, mean, std), built on first use
+
+    @staticmethod
+    def file(path: str):
+        """(H, W, 3) uint8 of an image file, or None where it does not read."""
+        from toolkit.data.images import load_rgb
+
+        try:
+            return load_rgb(path)
+        except Exception:
+            return None
+
+    def row(self, r: int):
+        """(H, W, 3) uint8 of gallery row r (None: a file that does not read)."""
+        m = self.manifest[r]
+        if self.meta["preprocess"].get("kind") != "dataset" or Path(m["path"]).is_file():
+            return self.file(m["path"])  # a folder's image, or a dataset whose items are files
+        ds, mean, std = self._dataset()
+        i, label = int(m["index"]), int(m["label"])
+        if not 0 <= i < len(ds) or int(ds.labels[i]) != label:
+            raise self._differs(f"row {r} (index {i}) has label {label} in manifest.csv but not in the split")
+        images = getattr(ds, "images", None)
+        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            x = images[i]  # (C, S, S) uint8: the stored pixels
+        else:  # (C, S, S) float normalised with the split's statistics: undo it for display
+            x, _ = ds[i]
+            if x.dtype != torch.uint8:
+                c = x.shape[0]
+                m_t = torch.as_tensor(mean if mean is not None else [0.0] * c, dtype=torch.float32).view(-1, 1, 1)
+                s_t = torch.as_tensor(std if std is not None else [1.0] * c, dtype=torch.float32).view(-1, 1, 1)
+                x = ((x.float() * s_t + m_t).clamp(0, 1) * 255).round().to(torch.uint8)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return x.permute(1, 2, 0).numpy()  # (S, S, 3)
+
+    def _differs(self, why: str) -> ConfigError:
+        pre = self.meta["preprocess"]
+        return ConfigError(f"--grid: the {pre.get('dataset')} {pre.get('split')} split rebuilt from "
+                           f"{self.features_dir / 'config.yaml'} does not match these features ({why}); "
+                           "the dataset changed since the extraction")
+
+    def _dataset(self) -> tuple:
+        if self._split is None:
+            from toolkit.config import load_extract_config
+            from toolkit.data import DATASETS
+
+            pre = self.meta["preprocess"]
+            stored = self.features_dir / "config.yaml"
+            where = f"the {pre.get('dataset')} {pre.get('split')} split these features came from"
+            try:
+                d = load_extract_config(str(stored)).data
+                splits = DATASETS.build(pre["dataset"], root=d.root, split_seed=d.split_seed, limit=d.limit,
+                                        download=False, image_size=pre.get("image_size"), train_splits=["train"])
+                ds = getattr(splits, pre["split"])
+            except (ConfigError, KeyError, AttributeError) as e:
+                raise ConfigError(f"--grid: cannot rebuild {where} to draw it: {e}") from None
+            if len(ds) != self.meta.get("num_images"):
+                raise self._differs(f"{len(ds)} images, meta.json says {self.meta.get('num_images')}")
+            self._split = (ds, splits.meta.get("mean"), splits.meta.get("std"))
+        return self._split
+
+
+def write_grid(results: List[Dict[str, Any]], out: Path, images: GalleryImages) -> None:
     """One row per query: the query image, then its results with similarity and class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.data.images import load_rgb
-
     cols = 1 + max(len(r["results"]) for r in results)
     fig, axes = plt.subplots(len(results), cols, figsize=(2.2 * cols, 2.5 * len(results)), squeeze=False)
     for ax_row, res in zip(axes, results):
-        panels = [(res["query"], "query")] + [(h["path"], f"{h['cosine']:.3f} {h['class']}") for h in res["results"]]
-        for ax, (path, title) in zip(ax_row, panels):
-            try:
-                ax.imshow(load_rgb(path))
-            except Exception:
+        qr = res.get("query_row")
+        query = images.row(qr) if qr is not None else images.file(res["query"])
+        panels = [(query, "query" if qr is None else f"query {images.manifest[qr]['class']}")]
+        panels += [(images.row(h["row"]), f"{h['cosine']:.3f} {h['class']}") for h in res["results"]]
+        for ax, (img, title) in zip(ax_row, panels):
+            if img is None:
                 ax.text(0.5, 0.5, "unreadable", ha="center")
+            else:
+                ax.imshow(img, interpolation="nearest")
             ax.set_title(title, fontsize=8)
         for ax in ax_row:
             ax.axis("off")
@@ -362,22 +444,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _rows_features(features: Path, meta: Dict[str, Any], rows: Sequence[int],
+                   verify: Optional[bool]) -> Tuple[torch.Tensor, List[str], List[str]]:
+    """Gallery rows' features (n, D), L2-normalised, with their table and CSV names."""
+    from toolkit.features import load_features
+
+    bad = [r for r in rows if not 0 <= r < meta["rows"]]
+    if bad:
+        raise ConfigError(f"--rows: {bad[0]} is not a row of {features} (rows 0 to {meta['rows'] - 1}; "
+                          "manifest.csv lists them)")
+    g = load_features(features, verify)
+    f = g.features[list(rows)]  # (n, D)
+    f = f if meta.get("l2_normalize", True) else F.normalize(f, dim=1)
+    classes = [g.class_names[y] if 0 <= y < len(g.class_names) else "" for y in g.labels[list(rows)].tolist()]
+    names = [f"row {r}" + (f" ({c})" if c else "") for r, c in zip(rows, classes)]
+    return f, names, [g.paths[r] for r in rows]
+
+
 def cmd_pairs(args) -> int:
     from rich.table import Table
 
     from toolkit.features import read_meta
 
-    if len(args.images) < 2:
-        raise ConfigError("pairs: give at least two images")
+    if args.rows is not None and args.images:
+        raise ConfigError("pairs: give image files or --rows, not both")
+    if len(args.rows if args.rows is not None else args.images) < 2:
+        raise ConfigError("pairs: give at least two images (files, or gallery rows with --rows N N ...)")
     meta = read_meta(args.features)
-    f = QueryEncoder(args.features, meta)(args.images)  # (n, D) normalised
+    if args.rows is not None:
+        f, names, csv_names = _rows_features(args.features, meta, args.rows, args.verify)
+    else:
+        f = QueryEncoder(args.features, meta, "pairs", "--rows N N ...")(args.images)  # (n, D) normalised
+        names, csv_names = [Path(p).name for p in args.images], list(args.images)
     if args.metric == "euclidean":
         # from the differences, not sqrt(2 - 2 cos): near 0 that cancels to ~3e-4 for an image
         # and itself (cos = 1 - 6e-8 in float32); (n, n, D) is small for a table of images
         table_vals = (f[:, None, :] - f[None, :, :]).norm(dim=2)  # (n, n)
     else:
         table_vals = (f @ f.T).clamp(-1, 1)  # (n, n)
-    names = [Path(p).name for p in args.images]
     table = Table(title=f"{args.metric} {'distance' if args.metric == 'euclidean' else 'similarity'} "
                         "between L2-normalised features")
     table.add_column("")
@@ -391,8 +495,8 @@ def cmd_pairs(args) -> int:
 
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["", *args.images])
-            for p, row in zip(args.images, table_vals.tolist()):
+            w.writerow(["", *csv_names])
+            for p, row in zip(csv_names, table_vals.tolist()):
                 w.writerow([p, *(f"{v:.6f}" for v in row)])
     return 0
 
@@ -408,7 +512,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     grp.add_argument("--query-index", type=int, help="use gallery row N as the query (left out of its results)")
     s.add_argument("--topk", type=int, default=5)
     s.add_argument("--backend", choices=("exact", "faiss"), default="exact")
-    s.add_argument("--grid", type=Path, help="write a PNG of each query and its results")
+    s.add_argument("--grid", type=Path, help="write a PNG of each query and its results (a dataset's "
+                   "images are drawn from the split itself)")
     s.add_argument("--json", type=Path, help="write the results as JSON")
     s.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     e = sub.add_parser("eval", help="class-labelled retrieval metrics (precision/hit rate/recall@k, mAP)")
@@ -418,10 +523,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     e.add_argument("--out", type=Path, help="JSON output (default: FEATURES/retrieval_eval.json)")
     e.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     p = sub.add_parser("pairs", help="pairwise distances between images (E3's table)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*", help="image files, encoded like the gallery")
+    p.add_argument("--rows", type=int, nargs="+", metavar="N",
+                   help="gallery rows instead of files (manifest.csv's row; for a dataset's features)")
     p.add_argument("--features", type=Path, required=True, help="features directory whose model to use")
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument("--verify", action="store_true", default=None, help=VERIFY_HELP)
     return ap.parse_args(argv)
 
 

@@ -21,6 +21,10 @@ from toolkit.errors import disk_full
 from toolkit.rundir import REPORT, RunDir, append_text, run_lock, write_atomic, write_atomic_json, write_atomic_text
 
 
+# The scalars TensorBoard's HParams tab shows per run (tags as Tracker.log writes them).
+HPARAM_METRICS = ("epoch/val_acc", "epoch/val_loss", "epoch/train_loss", "test/acc")
+
+
 def _clean(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (float(v) if isinstance(v, float) else v)
             for k, v in metrics.items()}
@@ -94,6 +98,27 @@ class Tracker:
                 if full is None:
                     raise
                 raise full from e
+
+    def start_tensorboard(self, hparams: Dict[str, Any]) -> None:
+        """Accelerate's TensorBoard tracker on RUN/tb/ (the logging dir set before this), with
+        the run's hyperparameters written into that same run: TensorBoard's HParams tab shows
+        them next to the run's own scalars.
+
+        Not `init_trackers(config=...)`: Accelerate passes the config to
+        `SummaryWriter.add_hparams`, which writes it as a second run, `tb/<time.time()>/` (an extra
+        run named by a timestamp in TensorBoard's list), plus `hparams.yml` in a third folder."""
+        self.accelerator.init_trackers("tb")  # every rank: Accelerate starts the writer on the main one
+        if not self.enabled or not self.accelerator.trackers:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)  # a SummaryWriter on RUN/tb/
+        # experiment, session start, session end: what add_hparams writes, here into the run itself;
+        # the metrics named are the run's own scalar tags (Tracker.log: kind/key)
+        for summary in hparams_summaries(values, dict.fromkeys(HPARAM_METRICS, 0.0)):
+            writer.file_writer.add_summary(summary)
+        writer.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint, which the resumed run logs again."""

@@ -106,8 +106,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     tracker.truncate_after(state.step)
     if cfg.log.tensorboard:
         set_logging_dir(accelerator, run.path)
-        accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                for k, v in hparams(cfg).items()})
+        tracker.start_tensorboard(hparams(cfg))
     tracker.print(_banner(cfg, run.path, raw_model, stage_run, splits, accelerator, len(stages)))
     warnings = run_warnings(cfg.model.pretrained, stages[0]) + [note for st in stages for note in st.notes]
     for w in warnings:
