@@ -293,20 +293,7 @@ def _extract(cfg: ExtractConfig, stack: contextlib.ExitStack) -> Dict[str, Any]:
     from toolkit.preempt import Preemption
 
     e = cfg.extract
-    if e.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("config: extract.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
-    out = features_dir(cfg)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config: run.dir: {out} exists and is not a directory")
-    _check_rerun(out, cfg)  # on every rank, before anything is written
-    pre = run_preprocessing(cfg)
-    check_sizes(cfg, _image_size(cfg, pre) or (DEFAULT_IMAGE_SIZE if cfg.data.name == "folder" else None))
-    model, model_record = build_model(cfg.model, cfg.run.seed)
-    source = build_source(cfg, pre)
-    size = source.preprocess.get("image_size")
-    check_sizes(cfg, size)  # the dataset's own size, where it chose one
-    extractor = Extractor(model, e.layer, e.l2_normalize)
-    check_model_takes(extractor, size, cfg.model.run)
+    out, model_record, source, extractor = checked_setup(cfg)  # on every rank, before anything is written
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=e.precision,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=e.dist_timeout_s))])
@@ -461,10 +448,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_only(cfg: ExtractConfig) -> Path:
-    """`--check-only`: the checks `_extract` makes before its Accelerator starts, the same calls in
-    the same order (keep the two in step), in this one process; nothing is created.
-    -> the features directory."""
+def checked_setup(cfg: ExtractConfig):
+    """Every check an extraction makes before its Accelerator starts and before anything is
+    written: -> (features dir, model record, source, extractor). `_extract` and `--check-only`
+    (slurm/extract.sh, before any node starts) both run exactly this."""
     if cfg.extract.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config: extract.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
     out = features_dir(cfg)
@@ -473,12 +460,18 @@ def check_only(cfg: ExtractConfig) -> Path:
     _check_rerun(out, cfg)
     pre = run_preprocessing(cfg)
     check_sizes(cfg, _image_size(cfg, pre) or (DEFAULT_IMAGE_SIZE if cfg.data.name == "folder" else None))
-    model, _ = build_model(cfg.model, cfg.run.seed)  # model.run's / model.pretrained's weights, loaded
+    model, model_record = build_model(cfg.model, cfg.run.seed)  # model.run's / model.pretrained's weights, loaded
     source = build_source(cfg, pre)
     size = source.preprocess.get("image_size")
-    check_sizes(cfg, size)
-    check_model_takes(Extractor(model, cfg.extract.layer, cfg.extract.l2_normalize), size, cfg.model.run)
-    return out
+    check_sizes(cfg, size)  # the dataset's own size, where it chose one
+    extractor = Extractor(model, cfg.extract.layer, cfg.extract.l2_normalize)
+    check_model_takes(extractor, size, cfg.model.run)
+    return out, model_record, source, extractor
+
+
+def check_only(cfg: ExtractConfig) -> Path:
+    """`--check-only`: `checked_setup` in this one process; nothing is created. -> the features directory."""
+    return checked_setup(cfg)[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -465,7 +465,7 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
                                      **({"acc_best": best_test["acc"]} if best_test else {})})
     tracker.write_json(rundir.SUMMARY, summary)  # before the plots, which read it
     tracker.write_text(run.confusion("test").name, confusion_csv(splits.class_names, test["confusion"]))
-    tracker.write_json(rundir.DATA, splits.meta)
+    tracker.write_json(rundir.DATA, {**splits.meta, "class_names": list(splits.class_names)})  # predict reads them
     if train_eval is not None:
         tracker.write_text(run.confusion("train").name, confusion_csv(splits.class_names, train_eval["confusion"]))
         if "features" in test and len(test["features"]):

@@ -36,34 +36,66 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(str(run_dir / "config.yaml"))
 
 
-def run_preprocess(run_dir: Path) -> Dict[str, Any]:
+def run_preprocess(run_dir: Path, key: str = "config: model.run") -> Dict[str, Any]:
     """What a finished training run fed its model: {"image_size", "channels", "mean", "std"}.
 
     Read from RUN/data.json, the dataset's own record of what it produced: config.yaml's
     data.image_size is null whenever the dataset chose the size (digits: 32), and mean/std may
-    have been computed from the training split (digits, cifar). Channels: one mean per channel."""
+    have been computed from the training split (digits, cifar). Channels: one mean per channel.
+    `key` starts the error line (extraction's config key; toolkit.predict names the run)."""
     path = RunDir(Path(run_dir)).data
     try:
         meta = json.loads(path.read_text())
         size, mean, std = meta["image_size"], [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
     except FileNotFoundError:
-        raise ConfigError(f"config: model.run: {path} is missing: the run does not say which image size and "
+        raise ConfigError(f"{key}: {path} is missing: the run does not say which image size and "
                           "normalisation it was trained with") from None
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"config: model.run: {path} lacks or mangles image_size, mean or std") from None
+        raise ConfigError(f"{key}: {path} lacks or mangles image_size, mean or std") from None
     ok = (isinstance(size, int) and not isinstance(size, bool) and size >= 1 and len(mean) == len(std) >= 1
           and all(math.isfinite(v) for v in mean + std) and all(v > 0 for v in std))
     if not ok:
-        raise ConfigError(f"config: model.run: {path} lacks or mangles image_size, mean or std")
+        raise ConfigError(f"{key}: {path} lacks or mangles image_size, mean or std")
     return {"image_size": size, "channels": len(mean), "mean": mean, "std": std}
+
+
+def load_run_weights(name: str, weights: Path, num_classes: Optional[int] = None,
+                     key: str = "config: model.run") -> nn.Module:
+    """Model `name` with a run's weights file (model.safetensors or model_best.safetensors), in
+    eval mode on the CPU; one ConfigError line, starting with `key`, for a file that does not
+    read or whose keys and shapes do not fit `name`. The number of classes is the head's
+    (`classifier.weight`) unless given."""
+    from safetensors.torch import load_file
+
+    from toolkit.models import MODELS
+
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot read {weights} ({type(e).__name__}: {e})") from None
+    head = sd.get("classifier.weight")
+    if num_classes is None and head is None:
+        raise ConfigError(f"{key}: {weights} does not fit {name}: it has no classifier.weight")
+    model = MODELS.build(name, num_classes=num_classes or int(head.shape[0]), pretrained=None)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{key}: {weights} does not fit {name}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def _first_line(e: Exception) -> str:
+    """torch's load_state_dict error, cut to its first line that says something."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1][:300]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def build_model(m: ExtractModelConfig, seed: int = 0) -> tuple[nn.Module, Dict[str, Any]]:
     """-> model in eval mode, and the record of where it came from (for meta.json). Weights that
     are not loaded from a file are initialised from `seed`: the same on every rank and rerun."""
     torch.manual_seed(seed)
-    from safetensors.torch import load_file
-
     from toolkit.models import MODELS, check_pretrained
 
     if m.run is not None:
@@ -73,17 +105,8 @@ def build_model(m: ExtractModelConfig, seed: int = 0) -> tuple[nn.Module, Dict[s
         if m.name is not None and m.name != name:
             raise ConfigError(f"config: model.name: {m.name} differs from the run's model {name}; leave it out")
         weights = run_dir / "model.safetensors"
-        try:
-            sd = load_file(str(weights))
-        except Exception as e:
-            raise ConfigError(f"config: model.run: cannot read {weights} ({type(e).__name__}: {e})") from None
-        head = sd.get("classifier.weight")
-        num_classes = m.num_classes or (int(head.shape[0]) if head is not None else train_cfg.model.num_classes)
-        model = MODELS.build(name, num_classes=num_classes, pretrained=None)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(f"config: model.run: {weights} does not fit {name}: {str(e).splitlines()[0]}") from None
+        model = load_run_weights(name, weights, m.num_classes)
+        num_classes = m.num_classes or int(model.classifier.weight.shape[0])
         record = {"name": name, "num_classes": num_classes, "run": str(run_dir), "weights": str(weights)}
     else:
         check_pretrained(m.name, m.pretrained)
