@@ -220,14 +220,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tmp_path, capsys):
     refused(capsys, [unfinished, png], "not a finished training run", "model.safetensors")
     nobest = copy_run(run, tmp_path / "nobest")
     refused(capsys, [nobest, png, "--weights", "best"], "model_best.safetensors", "--weights last")
+    tampered = copy_run(run, tmp_path / "tampered")
+    data = bytearray((tampered / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (tampered / "model.safetensors").write_bytes(bytes(data))
+    refused(capsys, [tampered, png], "model.safetensors is not the file the run wrote", "weights_sha256")
     alien = copy_run(run, tmp_path / "alien")
+    s = json.loads((alien / "summary.json").read_text())
+    assert set(s.pop("weights_sha256")) >= {"model.safetensors"}  # recorded by the run ...
+    (alien / "summary.json").write_text(json.dumps(s))  # ... not by one trained before it was
     save_file({"fc.weight": torch.zeros(3, 3)}, str(alien / "model.safetensors"))
     refused(capsys, [alien, png], "does not fit lenet")
     resized = copy_run(run, tmp_path / "resized")
     meta = json.loads((resized / "data.json").read_text())
     (resized / "data.json").write_text(json.dumps({**meta, "image_size": 64}))
     refused(capsys, [resized, png], "cannot take the 64 px")
-    copies = {d: sorted(p.name for p in d.iterdir()) for d in (unfinished, nobest, alien, resized)}
+    copies = {d: sorted(p.name for p in d.iterdir()) for d in (unfinished, nobest, tampered, alien, resized)}
     (tmp_path / "empty").mkdir()
     refused(capsys, [nobest, tmp_path / "empty"], "no images under")
     refused(capsys, [nobest], "nothing to predict")

@@ -78,7 +78,25 @@ def weights_file(run_dir: Path, choice: Optional[str]) -> Tuple[str, Path]:
                               f"best epoch's weights were kept, or did not finish); use --weights last")
         raise ConfigError(f"run {run_dir}: not a finished training run: no {MODEL} (train it to the end, or "
                           "continue it with train.resume=auto)")
+    check_recorded_sha256(run_dir, path)
     return choice, path
+
+
+def check_recorded_sha256(run_dir: Path, path: Path) -> None:
+    """The weights file against the SHA-256 the run recorded in summary.json when it wrote it
+    (runs trained before it was recorded are taken as they are)."""
+    import json
+
+    from toolkit.rundir import SUMMARY, sha256
+
+    try:
+        recorded = json.loads((run_dir / SUMMARY).read_text()).get("weights_sha256") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    want = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if want is not None and sha256(path) != want:
+        raise ConfigError(f"--weights: {path} is not the file the run wrote (its SHA-256 differs from "
+                          f"{run_dir / SUMMARY}'s weights_sha256): it was changed or replaced after training")
 
 
 def class_names(run_dir: Path, num_classes: int) -> List[str]:

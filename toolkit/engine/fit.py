@@ -460,6 +460,9 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
         "num_trainable_params": stage_run.num_trainable, "nonfinite_steps": state.nonfinite_total,
         "resumed_from": str(resumed_from) if resumed_from else None, "warnings": warnings,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
+        # predict and export check the weights they load against these
+        "weights_sha256": {f.name: rundir.sha256(f) for f in (run.model, run.model_best)
+                           if accelerator.is_main_process and f.is_file()},
     }
     tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"],
                                      **({"acc_best": best_test["acc"]} if best_test else {})})
