@@ -58,7 +58,8 @@ def test_ddp_two_processes_matches_one_and_only_rank0_writes(demo_single, tmp_pa
     assert s["num_test_samples"] == 360
     assert abs(s["test_acc"] - s1["test_acc"]) <= 0.01, (s["test_acc"], s1["test_acc"])
     # Only rank 0 writes: one final line, one TensorBoard event file, no duplicated rows.
-    assert proc.stdout.count("test accuracy:") == 1
+    assert proc.stdout.count("test accuracy:") == 1 and proc.stdout.count("best weights (epoch ") == 1
+    assert s["weights_sha256"].keys() == {"model.safetensors", "model_best.safetensors"}
     writers = {p.name.split(".")[-2] for p in (run / "tb").rglob("events.out.tfevents.*")}
     assert len(writers) == 1, writers  # the pid in the event file names: one process wrote them
     rows = [(r["kind"], r["step"]) for r in metrics(run)]

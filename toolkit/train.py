@@ -74,6 +74,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(best val {summary['best_val_acc']:.2%}), {summary['images_per_s']:,.0f} img/s"
               f"{' (from epoch 2)' if summary['images_per_s_from_epoch'] == 2 else ''}, "
               f"{summary['wall_s']:.1f} s")
+        if summary.get("test_acc_best") is not None:
+            print(f"best weights (epoch {summary['best_epoch']} by {summary['monitor']}): test accuracy "
+                  f"{summary['test_acc_best']:.2%}, in model_best.safetensors")
     return 0
 
 
