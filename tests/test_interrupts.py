@@ -25,11 +25,18 @@ ARGS = ["--config", DEMO, "data.limit=400", "train.epochs=3", "sched.milestones=
         "train.preempt_check_steps=2", "train.resume=auto", "log.every_n_steps=1"]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A test runner started in the background of a non-interactive shell (CI, `cmd &`) ignores
+    # SIGINT, and children inherit that; the toolkit then (rightly) leaves it ignored. The user
+    # at a terminal has it at its default: give the child that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd, env=None) -> subprocess.Popen:
-    """A slowed-down run (0.2 s a step) to interrupt. SIGINT is left at Python's default in the
-    child (Popen does not ignore it), as in a terminal."""
+    """A slowed-down run (0.2 s a step) to interrupt, with SIGINT at its default as in a terminal."""
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env({"TOOLKIT_FAULT_STEP_SLEEP": "0.2", **(env or {})}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
 
 
 def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:

@@ -69,7 +69,10 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
          stack: contextlib.ExitStack) -> Dict[str, Any]:
     t_start = time.perf_counter()
     check_paths(cfg)
+    owns_group = not torch.distributed.is_initialized()  # (a Ray Train worker's group is Ray's)
     accelerator = make_accelerator(cfg)
+    if owns_group:  # on every way out: an error, a stop request, or after end_training (a no-op then)
+        stack.callback(release_process_group)
     t = cfg.train
     seed_everything(cfg.run.seed, t.deterministic, t.compile)
     splits, num_classes, noise_record = load_data(cfg.data, cfg.model.num_classes, accelerator)
@@ -151,12 +154,22 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, t_start=t_start,
                      resumed_from=resume_path, num_params=sum(p.numel() for p in raw_model.parameters()),
                      warnings=warnings, best_weights=saver.best_weights)
+    accelerator.wait_for_everyone()  # rank 0 has written the plots: every rank tears down together
     accelerator.end_training()
     return summary
 
 
 # ------------------------------------------------------------------------------------------
 # set-up
+
+
+def release_process_group() -> None:
+    """Destroy the process group before the interpreter shuts down. Left to finalization, gloo's
+    threads can still hold work whose tensors reference Python objects, and the process aborts
+    (SIGABRT, "terminate called without an active exception") after it has done its job; seen
+    on a rank that stopped on a preemption request."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -467,10 +480,13 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
     tracker.log("test", state.step, {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"],
                                      **({"acc_best": best_test["acc"]} if best_test else {})})
     tracker.write_json(rundir.SUMMARY, summary)  # before the plots, which read it
-    tracker.write_text(run.confusion("test").name, confusion_csv(splits.class_names, test["confusion"]))
+    # One name per model output: a model with more outputs than the data has classes (E4's head
+    # of 35 on a smaller folder) names the rest by index, so the CSV's header fits its rows.
+    names = list(splits.class_names) + [str(i) for i in range(len(splits.class_names), num_classes)]
+    tracker.write_text(run.confusion("test").name, confusion_csv(names, test["confusion"]))
     tracker.write_json(rundir.DATA, {**splits.meta, "class_names": list(splits.class_names)})  # predict reads them
     if train_eval is not None:
-        tracker.write_text(run.confusion("train").name, confusion_csv(splits.class_names, train_eval["confusion"]))
+        tracker.write_text(run.confusion("train").name, confusion_csv(names, train_eval["confusion"]))
         if "features" in test and len(test["features"]):
             tracker.save_tensors(rundir.EMBEDDINGS, {
                 "train/features": train_eval["features"].contiguous(), "train/labels": train_eval["labels"],
