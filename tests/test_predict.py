@@ -188,7 +188,7 @@ def test_default_weights_are_best_where_the_run_kept_them(run, tmp_path):
     plain = copy_run(run, tmp_path / "plain", skip=("model_best.safetensors",))
     assert open_run(plain).weights == "last"
     best = copy_run(run, tmp_path / "best")
-    shutil.copy(run / "model.safetensors", best / "model_best.safetensors")
+    shutil.copy(run / "model_best.safetensors", best / "model_best.safetensors")  # the run's own (its SHA-256 is recorded)
     loaded = open_run(best)
     assert (loaded.weights, loaded.weights_path.name, loaded.weights_chosen) == ("best", "model_best.safetensors",
                                                                                  False)
