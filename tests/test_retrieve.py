@@ -164,8 +164,12 @@ def test_euclidean_from_a_rounded_cosine_of_itself_is_zero():
 
     from toolkit.retrieve import euclidean_from_cosine
 
-    v = torch.nn.functional.normalize(torch.randn(50, 2048), dim=1)
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(2000, 2048, generator=g), dim=1)
     cos = (v * v).sum(1)  # float32: a unit vector with itself, rounded (0.99999994 .. 1.0000001)
     assert all(euclidean_from_cosine(c) == 0.0 for c in cos.tolist())
     assert euclidean_from_cosine(0.0) == pytest.approx(2 ** 0.5) and euclidean_from_cosine(-1.0) == 2.0
     assert euclidean_from_cosine(0.9999) == pytest.approx((2 - 2 * 0.9999) ** 0.5)
+    for seed in range(20):  # many draws: not a matter of rounding luck
+        w = torch.nn.functional.normalize(torch.randn(200, 2048, generator=g.manual_seed(seed)), dim=1)
+        assert all(euclidean_from_cosine(c) == 0.0 for c in (w * w).sum(1).tolist())

@@ -59,10 +59,11 @@ VERIFY_HELP = ("check every shard's sha256 (done anyway for shards up to 512 MiB
 # exact search
 
 
-# A float32 cosine of two unit vectors carries a few units of rounding in its last place: an
-# image and itself come out at 0.99999994, which sqrt(2 - 2 cos) turns into a distance of 3.5e-4.
-# Within 4 float32 ulps of 1 (2.4e-7) a cosine cannot be told from 1, so it is taken as 1.
-_COS_ONE = 1.0 - 4 * 2.0 ** -24
+# A float32 cosine of two unit vectors carries the rounding of a D-term sum: an image and itself
+# come out at 0.99999994 or further off (typically sqrt(D) x 6e-8, ~3e-6 for D = 2048), which
+# sqrt(2 - 2 cos) turns into a distance of 3.5e-4 or more. Within 2^-16 (1.5e-5) of 1 a cosine
+# cannot be told from 1, so it is taken as 1 (a distance below 5.5e-3 reads as 0).
+_COS_ONE = 1.0 - 2.0 ** -16
 
 
 def euclidean_from_cosine(cos: float) -> float:
