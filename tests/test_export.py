@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import DEMO, ok, run_module, train
+from helpers import refused_in_process, DEMO, ok, run_module, train
 
 SMALL = ["train.epochs=2", "sched.milestones=[]", "data.limit=200", "data.batch_size=16", "optim.lr=0.05",
          "log.plots=false", "log.tensorboard=false"]
@@ -93,13 +93,7 @@ def test_preprocess_json_is_enough_to_feed_the_model(run, tmp_path):
     assert np.abs(theirs - ours).max() < 1e-5
 
 
-def refused(capsys, main, argv, *needles) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+refused = refused_in_process  # (capsys, main, argv, *needles)
 
 
 @pytest.mark.slow

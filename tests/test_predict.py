@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import DEMO, ROOT, launch, ok, run_module, summary, train, truncated_png
+from helpers import refused_in_process, DEMO, ROOT, launch, ok, run_module, summary, train, truncated_png
 
 # 2 epochs on 200 images of each split (34% test accuracy: predictions that mean something),
 # ~10 s on 2 cores. Shared by every test here.
@@ -202,12 +202,7 @@ def test_default_weights_are_best_where_the_run_kept_them(run, tmp_path):
 def refused(capsys, argv, *needles):
     from toolkit.predict import main
 
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
+    return refused_in_process(capsys, main, argv, *needles)
 
 
 @pytest.mark.slow

@@ -87,3 +87,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"parameters differ: {different}"
+
+
+def refused_in_process(capsys, main, argv, *needles) -> str:
+    """Run a CLI's `main(argv)` in this process: exit 2 and exactly one `error:` line on stderr
+    holding every needle. Returns the line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
