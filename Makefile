@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# -q: on a failure Accelerate adds no traceback of its own below the toolkit's one-line error.
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --config_file launch/cpu.yaml toolkit/train.py --config configs/digits_lenet.yaml
+	$(VENV)/bin/accelerate launch -q --config_file launch/cpu.yaml toolkit/train.py --config configs/digits_lenet.yaml
 
 # The whole suite, as CI runs it: 3 workers (the end-to-end tests wait on start-up, SLURM and Ray as
 # much as they compute, so a third worker on 2 cores fills the waits); SLURM and Ray tests share one worker.

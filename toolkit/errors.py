@@ -93,6 +93,27 @@ def disk_full(exc: BaseException, path: Union[str, Path, None]) -> Optional[Disk
     return DiskFullError(path if path is not None else getattr(exc, "filename", None), reason)
 
 
+def tell_launcher(line: str) -> None:
+    """Give torchrun (what `accelerate launch` runs for several processes, nodes or SLURM) this
+    process's one-line error. torchrun ends a failed launch with a report whose "Root Cause"
+    shows the first failed rank's error file, written where TORCHELASTIC_ERROR_FILE says (the
+    file `torch.distributed.elastic`'s own @record writes). Without it the report says "To enable
+    traceback see ..." and the toolkit's line stays above the launcher's traceback; with it the
+    report's last line is the toolkit's. A string `message` is shown as it is."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": str(int(time.time()))}, f)
+    except OSError:
+        pass  # the launcher's report falls back to its own text; the line was printed already
+
+
 def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
     """Run a CLI's work the way every launcher-facing command here does -> (exit code, result).
 
@@ -111,18 +132,23 @@ def run_cli(work: Callable[[], T]) -> Tuple[int, Optional[T]]:
     except PreemptedError as e:
         if rank == "0":
             print(f"{e.label}: {e}", file=sys.stderr, flush=True)
+        tell_launcher(f"{e.label}: {e}")
         return e.exit_code, None
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        tell_launcher(f"error: {e}")
         return e.exit_code, None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
+        tell_launcher("error: interrupted")
         return 130, None
     except Exception as e:
         full = disk_full(e, None)  # a write not made through toolkit.rundir: still one line, no traceback
         if full is not None:
             print(f"error: rank {rank}: {full}", file=sys.stderr, flush=True)
+            tell_launcher(f"error: rank {rank}: {full}")
             return full.exit_code, None
         traceback.print_exc()
         print(f"error: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        tell_launcher(f"error: rank {rank}: {type(e).__name__}: {e}")
         return 1, None
