@@ -24,6 +24,9 @@ PARTS=(
   "engine-r18|100|the engine vs a plain loop, ResNet-18 (CIFAR), batch 256"
   "loader|100|the device-resident loader vs torchvision's per-sample PIL pipeline (2 workers)"
   "fast|200|configs/cifar10_fast.yaml vs the same model trained fp32 eager with a DataLoader (benchmarks/fast_recipe.py)"
+  "train-peers|200|ResNet-50 224 px batch 256 bf16 channels_last, data on the device: plain loop vs Lightning Fabric vs the toolkit (train_peers.py)"
+  "extract-ceiling|150|streamed-batch check on CUDA, then extraction with the defaults (auto) vs the forward pass alone, ResNet-50 224 px batch 256 (fast_defaults.py)"
+  "auto-defaults|240|configs/cifar10_resnet18.yaml on synthetic CIFAR-shaped data: precision=no channels_last=false vs the auto defaults (fast_defaults.py)"
 )
 
 field() { local IFS='|'; local -a f; read -r -a f <<<"$1"; echo "${f[$2]}"; }
@@ -32,9 +35,9 @@ limit_of() { local p; for p in "${PARTS[@]}"; do [[ $(field "$p" 0) == "$1" ]] &
 usage() {
   echo "usage: bash benchmarks/gpu.sh PART...   (results under \$OUT, default /tmp/gpu_out)"
   echo
-  printf '  %-11s %8s  %s\n' part "limit" "what"
+  printf '  %-15s %8s  %s\n' part "limit" "what"
   local p
-  for p in "${PARTS[@]}"; do printf '  %-11s %6s s  %s\n' "$(field "$p" 0)" "$(field "$p" 1)" "$(field "$p" 2)"; done
+  for p in "${PARTS[@]}"; do printf '  %-15s %6s s  %s\n' "$(field "$p" 0)" "$(field "$p" 1)" "$(field "$p" 2)"; done
   echo
   echo "A device call runs at most 600 s: name parts whose limits add up to less (plus ~30 s of setup)."
 }
@@ -119,6 +122,16 @@ for part in "$@"; do
         --json "$OUT/loader.json" ;;
     fast)
       run_part fast "$lim" 8 -- python3 benchmarks/fast_recipe.py --epochs 5 --out "$OUT/fast.json" ;;
+    train-peers)
+      run_part train-peers "$lim" 6 -- python3 benchmarks/train_peers.py --repeats 3 --json "$OUT/train-peers.json" ;;
+    extract-ceiling)
+      # first: streamed batches equal the whole-set copy on CUDA (skipped on the CPU), then the rates
+      run_part extract-ceiling "$lim" 8 -- bash -c "python3 -m pytest -q -p no:cacheprovider \
+        tests/test_fast_defaults.py -k cuda && python3 benchmarks/fast_defaults.py extract-ceiling --repeats 3 \
+        --json '$OUT/extract-ceiling.json'" ;;
+    auto-defaults)
+      run_part auto-defaults "$lim" 6 -- python3 benchmarks/fast_defaults.py auto-defaults --repeats 2 \
+        --json "$OUT/auto-defaults.json" ;;
   esac
 done
 

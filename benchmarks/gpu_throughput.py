@@ -192,8 +192,7 @@ def train_config(bench: Dict[str, Any], setting: str, args, device: torch.device
                  "train.keep_last=1", f"train.channels_last={str(fast).lower()}", f"train.compile={str(compile_).lower()}",
                  "sched.name=constant", "log.every_n_steps=1", "log.plots=false", "log.tensorboard=false",
                  "log.progress=none"]
-    if fast:  # (fp32 is the default, "no")
-        overrides.append("train.precision=bf16")
+    overrides.append(f"train.precision={'bf16' if fast else 'no'}")  # stated: the default, auto, is bf16 on a GPU
     if HAS_LOADER and args.loader:
         overrides.append(f"data.loader={args.loader}")
     cfg = load_config(None, overrides)
@@ -251,7 +250,7 @@ def extract_config(bench: Dict[str, Any], setting: str, args, device: torch.devi
         overrides = [f"run.dir={work / name}", "data.name=synthetic", "data.split=train",
                      f"data.image_size={bench['size']}", f"data.batch_size={bench['batch']}",
                      f"data.num_workers={args.workers}", f"model.name={bench['model']}",
-                     f"extract.channels_last={str(fast).lower()}"] + (["extract.precision=bf16"] if fast else [])
+                     f"extract.channels_last={str(fast).lower()}", f"extract.precision={'bf16' if fast else 'no'}"]
         cfg = X.load_extract_config(None, overrides)
         assert cfg.extract.precision == ("bf16" if fast else "no"), cfg.extract.precision
         quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(io.StringIO())

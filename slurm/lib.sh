@@ -12,12 +12,14 @@ PY=${TOOLKIT_PYTHON:-.venv/bin/python}
 
 fail() { echo "error: $*" >&2; exit 2; }   # exit 2: bad input; the job is not requeued
 
-take_config() {  # take_config USAGE "$@": CONFIG (must exist) and ARGS (the overrides after it)
+# CONFIG is a path or a shipped config's name (digits_lenet): the CLI resolves it (toolkit.config.
+# find_config), and train.sh's --print-config / extract.sh's --check-only refuse a missing one in one
+# line before any node starts, so the shell does not test for a file.
+take_config() {  # take_config USAGE "$@": CONFIG and ARGS (the overrides after it)
   local usage=$1; shift
   CONFIG=${1:-}
   [ -n "$CONFIG" ] || fail "usage: $usage"
   shift
-  [ -f "$CONFIG" ] || fail "--config: no such file: $CONFIG"
   ARGS=("$@")
 }
 

@@ -233,7 +233,7 @@ def test_infinite_lr_rejected():
 
 
 @pytest.mark.parametrize("override,key,choices", [
-    ("train.precision=fp8", "train.precision", ["no", "bf16", "fp16"]),
+    ("train.precision=fp8", "train.precision", ["auto", "no", "bf16", "fp16"]),
     ("log.progress=xyz", "log.progress", ["auto", "rich", "plain", "none"]),
     ("train.nonfinite=ignore", "train.nonfinite", ["skip", "stop"]),
 ])
@@ -485,8 +485,9 @@ def test_every_mode_field_is_a_choice():
     keys = {k for k, _ in TRAIN_CHOICES}
     assert keys == {"data.loader", "data.decode", "data.sampler", "model.freeze", "loss.distance",
                     "train.precision", "train.tta", "train.nonfinite", "log.progress", "train.monitor",
-                    "train.test_weights"}
-    assert {k for k, _ in EXTRACT_CHOICES} == {"data.split", "data.loader", "extract.precision"}
+                    "train.test_weights", "train.channels_last"}
+    assert {k for k, _ in EXTRACT_CHOICES} == {"data.split", "data.loader", "extract.precision",
+                                               "extract.channels_last"}
     for _, enum in TRAIN_CHOICES + EXTRACT_CHOICES:
         assert all(m.name == m.value for m in enum)  # OmegaConf converts a word by member name
     assert Freeze.words() == list(FREEZE_MODES)  # the models' freeze modes, in their order
@@ -534,8 +535,9 @@ def test_mode_values_are_strings_everywhere(tmp_path):
 
 
 def test_precision_no_is_written_so_that_yaml_1_1_reads_it_back(tmp_path):
-    text = to_yaml(Config())
+    text = to_yaml(load_config(None, ["train.precision=no", "train.channels_last=false"]))  # (defaults: auto)
     assert yaml.safe_load(text)["train"]["precision"] == "no"  # quoted: 'no'
+    assert yaml.safe_load(text)["train"]["channels_last"] == "false"  # the word, not YAML's boolean
 
 
 @pytest.mark.parametrize("word", ["off", "on", "yes", "no", "y", "n", "Off", "NO"])
@@ -556,7 +558,7 @@ def test_true_false_stay_booleans_and_bool_fields_still_take_on_off(tmp_path):
     cfg = load_config(write(tmp_path, "c.yaml", "optim:\n  nesterov: on\nlog:\n  tensorboard: off\n"))
     assert cfg.optim.nesterov is True and cfg.log.tensorboard is False  # OmegaConf converts these words
     msg = config_error(None, ["train.precision=true"])
-    assert msg == "config: train.precision: unknown precision True; choose one of: no, bf16, fp16"
+    assert msg == "config: train.precision: unknown precision True; choose one of: auto, no, bf16, fp16"
 
 
 def test_yaml_1_2_scalars_in_overrides_and_files(tmp_path):

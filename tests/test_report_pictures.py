@@ -214,7 +214,7 @@ def test_tensorboard_gets_the_hparams_in_the_run_itself(tmp_path):
     acc = Accelerator(cpu=True, log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path)))
     tracker = Tracker(acc, tmp_path, "none")
-    tracker.start_tensorboard({"optim.lr": 0.1, "optim.name": "sgd", "sched.milestones": [5, 8]})
+    tracker.start_trackers(["tensorboard"], {"optim.lr": 0.1, "optim.name": "sgd", "sched.milestones": [5, 8]})
     tracker.log("epoch", 3, {"val_acc": 0.5})
     acc.end_training()
     assert [p.name for p in (tmp_path / "tb").iterdir() if p.is_dir()] == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,25 @@ def test_run_lock_refuses_while_another_process_holds_it(tmp_path):
         assert child.wait(timeout=30) == 0
     with run_lock(tmp_path, wait_s=5):
         pass
+
+
+def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
+    # A run killed while its DataLoader workers (forks) live on for a few seconds: the resume that
+    # follows at once must find the run free.
+    code = ("import os, sys, time; from pathlib import Path; from toolkit.rundir import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n"
+            "    if os.fork() == 0:\n        time.sleep(30); os._exit(0)\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        child.kill()  # the holder dies; its forked child sleeps on
+        child.wait(timeout=30)
+        with run_lock(tmp_path):
+            pass
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
 
 
 def test_ensure_writable(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -48,9 +49,29 @@ class Choice(str, Enum):
 
 # The order of the members is the order the error message lists them in.
 class Precision(Choice):
+    auto = "auto"  # bf16 on a CUDA GPU that has it, else no (toolkit/fast.py); config.yaml keeps `auto`
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"  # needs CUDA
+
+
+class Switch(Choice):
+    """auto | true | false: an on/off setting whose default the device decides (channels_last).
+    YAML's true/false arrive as booleans, which OmegaConf will not turn into a member, so
+    merge_layers and with_flat pass them on as words (`_switch_words`); yes/no/on/off (words
+    under YAML 1.2) are aliases. A member is truthy only when `true`: code that has not resolved
+    `auto` (toolkit/fast.py) gets the conservative choice."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+    yes = "true"  # aliases: OmegaConf looks a word up by member name; words() lists only the three above
+    no = "false"
+    on = "true"
+    off = "false"
+
+    def __bool__(self) -> bool:
+        return self is Switch.true
 
 
 class Loader(Choice):
@@ -97,6 +118,14 @@ class Progress(Choice):
     none = "none"
 
 
+class TrackerName(Choice):
+    """Where a run's logged rows go besides metrics.jsonl (log.trackers): Accelerate's trackers.
+    No `csv`: metrics.jsonl already is the machine-readable record of every row."""
+    tensorboard = "tensorboard"  # RUN/tb/
+    mlflow = "mlflow"  # RUN/mlruns/ (a local file store) unless MLFLOW_TRACKING_URI is set
+    wandb = "wandb"  # offline in RUN/wandb/ unless WANDB_MODE is set
+
+
 class Monitor(Choice):
     """The per-epoch metric that picks the best epoch (and drives early stopping)."""
     val_acc = "val_acc"  # higher is better
@@ -116,7 +145,8 @@ class Split(Choice):
 
 
 # What an unknown word is called in the error ("unknown loader 'gpu'"); default "mode".
-_NOUNS = {Precision: "precision", Loader: "loader", Sampler: "sampler", Distance: "distance", Split: "split"}
+_NOUNS = {Precision: "precision", Loader: "loader", Sampler: "sampler", Distance: "distance", Split: "split",
+          TrackerName: "tracker"}
 
 
 @dataclass
@@ -216,9 +246,9 @@ class TrainConfig:
     stages: List[StageConfig] = field(default_factory=list)  # empty: one stage, the top-level settings
     grad_accum_steps: int = 1
     clip_grad_norm: Optional[float] = None
-    precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 needs CUDA)
+    precision: Precision = Precision.auto  # auto (bf16 on a CUDA GPU with bf16, else no) | no | bf16 | fp16 (CUDA)
     compile: bool = False
-    channels_last: bool = False
+    channels_last: Switch = Switch.auto  # auto (on for convolutional nets on CUDA, else off) | true | false
     ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights
     tta: TTA = TTA.none  # none | flip: evaluation averages the logits of each image and its mirror image
     deterministic: bool = True
@@ -242,7 +272,9 @@ class TrainConfig:
 class LogConfig:
     every_n_steps: int = 20
     progress: Progress = Progress.auto  # auto | rich | plain | none
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard even where log.trackers lists it
+    # Each logged row goes to metrics.jsonl and to every tracker listed: tensorboard | mlflow | wandb
+    trackers: List[TrackerName] = field(default_factory=lambda: [TrackerName.tensorboard])
     test_every_epoch: bool = False  # also evaluate the test split after every epoch (E1/E2 curves)
     plots: bool = True  # curves, confusion matrices (train, test) and feature PCA in the run directory
     tsne: bool = False  # t-SNE of the features too (seconds to minutes)
@@ -279,6 +311,8 @@ def _omega_error(e: OmegaConfBaseException) -> ConfigError:
     # OmegaConf's own text ("Invalid value 'x', expected one of [...]") spans several lines and
     # says nothing of YAML's booleans; name the key, the word given and the words allowed.
     choice = getattr(getattr(e, "child_node", None), "enum_type", None)
+    if choice is None and OmegaConf.is_list(getattr(e, "parent_node", None)):  # an entry of List[word] (log.trackers)
+        choice = next(iter(typing.get_args(getattr(e, "ref_type", None))), None)
     if key and isinstance(e, ValidationError) and isinstance(choice, type) and issubclass(choice, Choice):
         return ConfigError(f"config: {key}: unknown {_NOUNS.get(choice, 'mode')} {getattr(e, 'value', None)!r}; "
                            f"choose one of: {', '.join(choice.words())}")
@@ -308,6 +342,36 @@ YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values, read by YamlLoader. Raises yaml.YAMLError."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+# The shipped configs are package data (toolkit/configs/; `configs` at the repository root is a
+# symlink to it), so they are found by name from any directory, in a checkout or an installed wheel.
+SHIPPED = Path(__file__).resolve().parent / "configs"
+_SHIPPED_NOUN = {"": "config", "spaces": "space"}
+
+
+def shipped_names(folder: str = "") -> List[str]:
+    """The shipped configs' names in toolkit/configs/FOLDER (`spaces`: the sweep spaces), sorted."""
+    return sorted(p.stem for p in (SHIPPED / folder).glob("*.yaml"))
+
+
+def find_config(arg: str, folder: str = "", flag: str = "--config") -> str:
+    """A `--config` argument (`--space`: folder="spaces") -> the YAML file to read.
+
+    A file that exists always wins. Else a shipped config by name: `digits_lenet`,
+    `digits_lenet.yaml`, or the documented `configs/digits_lenet.yaml` (`configs/spaces/lr.yaml`),
+    so every command in the docs works from any directory. Else one line (ConfigError, exit 2):
+    `no such file` for a path, the shipped names for an unknown name."""
+    p = Path(arg)
+    if p.is_file():
+        return arg
+    shipped_form = p.suffix in ("", ".yaml") and p.parent in (Path("."), Path("configs", folder))
+    if shipped_form and p.stem in shipped_names(folder):
+        return str(SHIPPED / folder / f"{p.stem}.yaml")
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        raise ConfigError(f"{flag}: no such file: {arg}")
+    raise ConfigError(f"{flag}: unknown {_SHIPPED_NOUN.get(folder, 'config')} {arg!r}; choose one of: "
+                      f"{', '.join(shipped_names(folder))} (or a YAML path)")
 
 
 def _read_yaml(path: str, sections: Iterable[str] = SECTIONS) -> Dict[str, Any]:
@@ -399,12 +463,31 @@ def _update_entry(merged: Any, override: str) -> None:
     OmegaConf.update(merged, key, value, merge=True)
 
 
+def _switch_words(schema: type, layer: Any) -> Any:
+    """A layer (nested dicts) with a boolean given to a `Switch` field as its word: YAML reads
+    `channels_last: true` (and an older config.yaml's `channels_last: false`) as a bool, which
+    OmegaConf refuses for an enum. Other values pass unchanged, for OmegaConf to check."""
+    if not isinstance(layer, dict) or not dataclasses.is_dataclass(schema):
+        return layer
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for key, value in layer.items():
+        hint = hints.get(key) if isinstance(key, str) else None
+        if hint is Switch and isinstance(value, bool):
+            value = Switch.true.value if value else Switch.false.value
+        elif hint is not None and dataclasses.is_dataclass(hint):
+            value = _switch_words(hint, value)
+        out[key] = value
+    return out
+
+
 def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str],
                  base: Optional[Dict[str, Any]] = None) -> tuple:
     """Dataclass defaults < base (a resumed run's own config) < YAML < overrides, typed and
     strict -> (object, yaml layers, dotlist)."""
     layers = [] if base is None else [base]
     if path is not None:
+        path = find_config(path)  # a shipped config's name works wherever a path does
         data = _read_yaml(path, tuple(f.name for f in dataclasses.fields(schema)))
         data.setdefault("run", {})
         if isinstance(data["run"], dict):
@@ -416,10 +499,10 @@ def merge_layers(schema: type, path: Optional[str], overrides: Iterable[str],
     try:
         merged = OmegaConf.structured(schema)
         for layer in layers:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, _switch_words(schema, layer))
         plain = [o for o in dotlist if not _indexed(o)]
         if plain:
-            merged = OmegaConf.merge(merged, _dotlist_layer(plain))
+            merged = OmegaConf.merge(merged, _switch_words(schema, OmegaConf.to_container(_dotlist_layer(plain))))
         for o in dotlist:  # `train.stages.0.epochs=1`: into the list entry, after the layers
             if _indexed(o):
                 _update_entry(merged, o)
@@ -610,6 +693,9 @@ def validate(cfg: Config) -> None:
     _need(not (d.mixup_alpha or d.cutmix_alpha) or cfg.loss.name != "triplet", "data.mixup_alpha",
           "mixup/CutMix make soft labels, which the triplet loss cannot use; use cross_entropy, squared or mse")
     _need(cfg.log.every_n_steps >= 1, "log.every_n_steps", f"must be >= 1, got {cfg.log.every_n_steps}")
+    listed = [str(n) for n in cfg.log.trackers]
+    twice = sorted({n for n in listed if listed.count(n) > 1})
+    _need(not twice, "log.trackers", f"{', '.join(twice)} listed more than once")
     _need(cfg.model.num_classes is None or cfg.model.num_classes >= 2, "model.num_classes",
           f"must be >= 2 or null, got {cfg.model.num_classes}")
 
@@ -685,7 +771,7 @@ def with_flat(cfg: Config, flat: Dict[str, Any]) -> Config:
             raise ConfigError(f"config: {key}: expected section.key")
         nested.setdefault(sec, {})[name] = value
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), nested)
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), _switch_words(type(cfg), nested))
         new = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _omega_error(e) from None
@@ -732,8 +818,8 @@ class ExtractModelConfig:
 class ExtractSection:
     layer: str = "features"  # features (pooled penultimate) | logits | a module name, e.g. backbone.layer3
     l2_normalize: bool = True
-    precision: Precision = Precision.no  # no | bf16 | fp16 (fp16 needs CUDA)
-    channels_last: bool = False
+    precision: Precision = Precision.auto  # auto (bf16 on a CUDA GPU with bf16, else no) | no | bf16 | fp16 (CUDA)
+    channels_last: Switch = Switch.auto  # auto (on for convolutional nets on CUDA, else off) | true | false
     shard_size: int = 1024  # images per shard: the unit of work, of resume and of writes
     dist_timeout_s: int = 1800  # how long ranks wait for each other at the end
 

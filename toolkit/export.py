@@ -3,6 +3,7 @@
     python -m toolkit.export RUN --format onnx                  # RUN/export/model.onnx + preprocess.json
     python -m toolkit.export RUN --format torchscript --weights last --out served/
     pip install -e '.[export]'                                  # what --format onnx needs
+    toolkit-export RUN --format onnx                            # the console command, from any directory
 
 The model, weights (`--weights best|last`, default best where RUN/model_best.safetensors exists),
 image size, channels, mean/std and class names come from RUN, as for `toolkit.predict`.
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from toolkit.clihelp import epilog
 from toolkit.errors import ConfigError
 from toolkit.rundir import EXPORT
 
@@ -216,7 +218,7 @@ def _remove_if_empty(folder: Path) -> None:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="toolkit.export", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  " + "\n  ".join(__doc__.split("\n")[2:5]))
+                                epilog=epilog(examples="\n".join(__doc__.split("\n")[2:6])))
     p.add_argument("run", type=Path, help="a finished training run's directory")
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="onnx or torchscript")
     p.add_argument("--weights", choices=("best", "last"),

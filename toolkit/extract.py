@@ -3,6 +3,7 @@
     accelerate launch toolkit/extract.py --config configs/extract_resnet50.yaml data.root=/data/gallery
     accelerate launch --config_file launch/cpu_ddp.yaml toolkit/extract.py --config ...
     python -m toolkit.extract --config configs/extract_digits.yaml model.run=runs/digits_lenet/RUN
+    toolkit-extract --config extract_digits model.run=runs/digits_lenet/RUN   # from any directory
 
 Each image goes through the model once under `torch.inference_mode` (bf16/fp16 autocast with
 `extract.precision`, `channels_last` optional); the chosen layer's output (default: the pooled
@@ -41,12 +42,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from toolkit.clihelp import EXTRACT_SECTIONS, config_help, epilog
 from toolkit.config import ExtractConfig, load_extract_config, to_flat, to_yaml
 from toolkit.data.imagefolder import DEFAULT_IMAGE_SIZE, check_decoded_batch, check_image_size
 from toolkit.errors import ConfigError
 from toolkit.features import (META, SHARDS, Extractor, ShardWriter, build_model, load_run_config, shard_marker,
                               shard_name, shard_ranges, write_manifest)
+from toolkit.fast import resolve_channels_last, resolve_precision, summary_fields, with_resolved
 from toolkit.features.extractor import run_preprocess
+from toolkit.features.staging import streamed_batches
 from toolkit.rundir import run_lock, write_atomic_text
 
 # Settings that do not change a feature value: a rerun may change them.
@@ -255,11 +259,22 @@ def _use_device_loader(mode: str, source, accelerator) -> bool:
     return reason is None
 
 
+# Devices whose in-memory batches are streamed (toolkit.features.staging: each batch copied while
+# the one before it computes) rather than the set copied once before the first batch. A CPU has
+# no copy to overlap; the tests add "cpu" to check that both ways give the same features.
+STREAMED = ("cuda",)
+
+
 def _device_batches(source, plan: List[tuple[int, List[int]]], device: torch.device):
-    """The DataLoader's items for `plan`, gathered from the dataset held on the device:
-    x (B, 3, S, S) as the dataset stores it (uint8: normalised by `source.normalize`), labels,
-    indices, no bad images (an in-memory set has none)."""
+    """The DataLoader's items for `plan`, from the dataset held in memory: x (B, 3, S, S) on the
+    device as the dataset stores it (uint8: normalised by `source.normalize`), labels, indices,
+    no bad images (an in-memory set has none). Streamed to a GPU batch by batch, else gathered
+    from one copy of the set."""
     ds = source.dataset
+    if device.type in STREAMED:
+        for x, idx in streamed_batches(ds.images, [b for _, b in plan], device):
+            yield x, ds.labels[idx], idx, []
+        return
     images = ds.images.to(device)  # (N, 3, S, S), copied once
     flat = torch.as_tensor([i for _, b in plan for i in b], dtype=torch.int64)  # (M,) this rank's images
     flat_dev = flat.to(device)  # one copy: a blocking copy per batch would stall the GPU queue
@@ -292,8 +307,9 @@ def _extract(cfg: ExtractConfig, stack: contextlib.ExitStack) -> Dict[str, Any]:
     from toolkit.faults import Faults
     from toolkit.preempt import Preemption
 
+    # on every rank, before anything is written; cfg: `auto` precision and channels_last resolved
+    out, model_record, source, extractor, cfg, speed = checked_setup(cfg)
     e = cfg.extract
-    out, model_record, source, extractor = checked_setup(cfg)  # on every rank, before anything is written
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=e.precision,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=e.dist_timeout_s))])
@@ -311,7 +327,8 @@ def _extract(cfg: ExtractConfig, stack: contextlib.ExitStack) -> Dict[str, Any]:
     todo = [k for k in mine if shard_marker(shards, k) is None]
     if main:
         print(f"extract: {n} images in {len(ranges)} shard(s) of {e.shard_size} -> {out} "
-              f"({world} process(es), device {accelerator.device}, layer {e.layer}, precision {e.precision}, "
+              f"({world} process(es), device {accelerator.device}, layer {e.layer}, "
+              f"precision {speed['precision'].describe()}, channels_last {speed['channels_last'].describe()}, "
               f"loader {'device' if on_device else 'dataloader'})", flush=True)
     if len(todo) < len(mine):
         print(f"extract: rank {rank}: {len(mine) - len(todo)} complete shard(s) kept, {len(todo)} to do", flush=True)
@@ -384,15 +401,16 @@ def _extract(cfg: ExtractConfig, stack: contextlib.ExitStack) -> Dict[str, Any]:
                              label="interrupted" if stop == Preemption.INT else "preempted")
     summary: Dict[str, Any] = {}
     if main:
-        summary = finalize(out, source, len(ranges), model_record, cfg, counts, world)
+        summary = finalize(out, source, len(ranges), model_record, cfg, counts, world, speed)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
 def finalize(out: Path, source, num_shards: int, model_record: Dict[str, Any], cfg: ExtractConfig,
-             counts: List[tuple], world: int) -> Dict[str, Any]:
-    """Rank 0, after every rank is done: manifest, bad_images.txt, meta.json (last), summary."""
+             counts: List[tuple], world: int, speed: Dict[str, Any]) -> Dict[str, Any]:
+    """Rank 0, after every rank is done: manifest, bad_images.txt, meta.json (last), summary.
+    `speed`: the resolved precision and channels_last (toolkit.fast.Resolved), recorded in meta.json."""
     from safetensors import safe_open
 
     shards = out / SHARDS
@@ -420,7 +438,8 @@ def finalize(out: Path, source, num_shards: int, model_record: Dict[str, Any], c
     meta = {"rows": int(len(index)), "dim": dim, "num_shards": num_shards, "shard_size": cfg.extract.shard_size,
             "num_images": len(source), "bad_images": len(bad), "class_names": source.class_names,
             "labelled": int((labels >= 0).sum()), "layer": cfg.extract.layer,
-            "l2_normalize": cfg.extract.l2_normalize, "precision": str(cfg.extract.precision),
+            "l2_normalize": cfg.extract.l2_normalize, **summary_fields("precision", speed["precision"]),
+            **summary_fields("channels_last", speed["channels_last"]),
             "model": model_record, "preprocess": source.preprocess, "source": {"data": cfg.data.name,
                                                                               "root": cfg.data.root}}
     summary = {"features_dir": str(out), "rows": meta["rows"], "dim": dim, "bad_images": len(bad),
@@ -436,9 +455,11 @@ def finalize(out: Path, source, num_shards: int, model_record: Dict[str, Any], c
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    examples = "\n".join(__doc__.split("\n")[2:6])
     p = argparse.ArgumentParser(prog="toolkit.extract", description=__doc__.split("\n")[0],
+                                epilog=epilog(EXTRACT_SECTIONS, examples, "docs/retrieval.md"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", help="YAML config (configs/extract_*.yaml)")
+    p.add_argument("--config", "-c", help=config_help("extract_digits"))
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--check-only", action="store_true",
@@ -450,23 +471,56 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def checked_setup(cfg: ExtractConfig):
     """Every check an extraction makes before its Accelerator starts and before anything is
-    written: -> (features dir, model record, source, extractor). `_extract` and `--check-only`
-    (slurm/extract.sh, before any node starts) both run exactly this."""
+    written: -> (features dir, model record, source, extractor, the config with `auto` precision
+    and channels_last resolved, {"precision", "channels_last": toolkit.fast.Resolved}).
+    `_extract` and `--check-only` (slurm/extract.sh, before any node starts) both run exactly this."""
     if cfg.extract.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config: extract.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
     out = features_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config: run.dir: {out} exists and is not a directory")
-    _check_rerun(out, cfg)
     pre = run_preprocessing(cfg)
     check_sizes(cfg, _image_size(cfg, pre) or (DEFAULT_IMAGE_SIZE if cfg.data.name == "folder" else None))
     model, model_record = build_model(cfg.model, cfg.run.seed)  # model.run's / model.pretrained's weights, loaded
+    cfg, speed = resolve_speed(cfg, out, model)
+    _check_rerun(out, cfg)  # with the values this run would compute with (after `auto` is resolved)
     source = build_source(cfg, pre)
     size = source.preprocess.get("image_size")
     check_sizes(cfg, size)  # the dataset's own size, where it chose one
     extractor = Extractor(model, cfg.extract.layer, cfg.extract.l2_normalize)
     check_model_takes(extractor, size, cfg.model.run)
-    return out, model_record, source, extractor
+    return out, model_record, source, extractor, cfg, speed
+
+
+def resolve_speed(cfg: ExtractConfig, out: Path, model) -> tuple:
+    """`auto` extract.precision / extract.channels_last -> (config with the values this extraction
+    computes with, {"precision", "channels_last": Resolved}). A rerun over complete shards keeps
+    the values they were computed with (its config.yaml records them), wherever it runs, so a set
+    is never a mix of two precisions; otherwise this device's (toolkit/fast.py)."""
+    kept = _kept_speed(out)
+    by = "the shards already extracted"
+    precision = resolve_precision(cfg.extract.precision, kept.get("precision"), kept_from=by)
+    channels_last = resolve_channels_last(cfg.extract.channels_last, model, kept.get("channels_last"), kept_from=by)
+    resolved = with_resolved(cfg, "extract", precision=precision.value, channels_last=channels_last.value)
+    return resolved, {"precision": precision, "channels_last": channels_last}
+
+
+def _kept_speed(out: Path) -> Dict[str, Any]:
+    """The precision and channels_last the complete shards in `out` were computed with, from the
+    config.yaml written with them; {} when there are none (or no readable config: _check_rerun
+    says so in its own words)."""
+    if not _has_work(out):
+        return {}
+    try:
+        e = load_extract_config(str(out / "config.yaml")).extract
+    except ConfigError:
+        return {}
+    kept = {}
+    if e.precision != "auto":
+        kept["precision"] = str(e.precision)
+    if e.channels_last != "auto":
+        kept["channels_last"] = e.channels_last == "true"
+    return kept
 
 
 def check_only(cfg: ExtractConfig) -> Path:

@@ -17,6 +17,7 @@ LOSSES = Registry("loss")
 
 @LOSSES.register("cross_entropy")
 def cross_entropy(label_smoothing: float = 0.0, reduction: str = "mean", **_) -> nn.Module:
+    """Cross-entropy on the logits, with optional label smoothing (loss.label_smoothing)."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction=reduction)
 
 
@@ -103,4 +104,5 @@ class BatchHardTriplet(nn.Module):
 @LOSSES.register("triplet")
 def triplet(margin: float = 0.25, distance: str = "cosine", ce_weight: float = 0.0,
             label_smoothing: float = 0.0, reduction: str = "mean", **_) -> nn.Module:
+    """Batch-hard triplet loss on the penultimate features (loss.margin, loss.distance), + loss.ce_weight x CE."""
     return BatchHardTriplet(margin, distance, ce_weight, label_smoothing, reduction)

@@ -42,6 +42,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
 @OPTIMIZERS.register("sgd")
 def sgd(params: Iterable, lr: float, momentum: float = 0.0, nesterov: bool = False,
         weight_decay: float = 0.0, **_) -> torch.optim.Optimizer:
+    """SGD with optional (Nesterov) momentum and weight decay."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                            weight_decay=weight_decay)
 
@@ -49,6 +50,7 @@ def sgd(params: Iterable, lr: float, momentum: float = 0.0, nesterov: bool = Fal
 @OPTIMIZERS.register("rmsprop")
 def rmsprop(params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
             alpha: float = 0.99, eps: float = 1e-8, **_) -> torch.optim.Optimizer:
+    """RMSprop (smoothing optim.alpha), with optional momentum and weight decay."""
     return torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, momentum=momentum,
                                weight_decay=weight_decay)
 
@@ -56,18 +58,21 @@ def rmsprop(params: Iterable, lr: float, momentum: float = 0.0, weight_decay: fl
 @OPTIMIZERS.register("adam")
 def adam(params: Iterable, lr: float, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
          eps: float = 1e-8, **_) -> torch.optim.Optimizer:
+    """Adam (optim.betas); weight decay added to the gradient (L2)."""
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params: Iterable, lr: float, weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999),
           eps: float = 1e-8, **_) -> torch.optim.Optimizer:
+    """AdamW: Adam with decoupled weight decay."""
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adagrad")
 def adagrad(params: Iterable, lr: float, weight_decay: float = 0.0, eps: float = 1e-10,
             **_) -> torch.optim.Optimizer:
+    """Adagrad, with optional weight decay."""
     return torch.optim.Adagrad(params, lr=lr, eps=eps, weight_decay=weight_decay)
 
 

@@ -3,6 +3,7 @@
     python -m toolkit.predict RUN images/ --grid grid.png             # files and folders (recursive)
     python -m toolkit.predict RUN --split test --weights last          # the run's own test split
     accelerate launch --config_file launch/cpu_ddp.yaml toolkit/predict.py RUN images/ --topk 3
+    toolkit-predict RUN images/                                        # the console command, from any directory
 
     from toolkit import load_run, predict                              # in a notebook
     model, preprocess, classes = load_run(RUN)                         # eval mode, on the CPU
@@ -11,7 +12,9 @@
 Everything the images need comes from RUN, nothing is restated: the model and its weights
 (`--weights best|last`; default best where RUN/model_best.safetensors exists, else last), the
 image size, channels and normalisation (RUN/data.json: what the dataset fed the model), the
-class names, and the run's precision, channels_last and test-time flip (RUN/config.yaml). Image
+class names, and the run's precision, channels_last and test-time flip (RUN/config.yaml; an `auto`
+precision is the one the run ran with, summary.json's, and an `auto` channels_last is decided for
+the device predict runs on, as training decides it: toolkit/fast.py). Image
 files go through the training pipeline of image folders (`toolkit.data.images.load_resized`:
 decode, shorter side to the run's size, centre crop), then the run's mean/std. A split
 (`--split train|val|test`) is rebuilt from the run's config and data.split_seed, and fed exactly
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from toolkit.clihelp import epilog
 from toolkit.errors import ConfigError
 from toolkit.rundir import PREDICTIONS
 
@@ -458,14 +462,25 @@ def grid_layout(n: int) -> Tuple[int, int, int, int]:
 
 
 def write_grid(path: Path, rows: List[Dict[str, Any]], images: List[Any]) -> None:
+    """The --grid PNG (grid_figure), written atomically."""
+    from toolkit.rundir import write_atomic
+
+    fig = grid_figure(rows, images)  # (selects matplotlib's Agg backend before pyplot is imported here)
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=GRID_DPI))
+    plt.close(fig)
+
+
+def grid_figure(rows: List[Dict[str, Any]], images: List[Any]):
     """One tile per row: the image the model saw, titled with the predicted class and its
-    probability; green when it is the true class, red when not, black when no label is known."""
+    probability; green when it is the true class, red when not, black when no label is known.
+    Also what a run's TensorBoard shows as test/predictions (toolkit.tracking.prediction_grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from toolkit.rundir import write_atomic
 
     n_rows, n_cols, width, height = grid_layout(len(rows))
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width / GRID_DPI, height / GRID_DPI), dpi=GRID_DPI,
@@ -487,9 +502,7 @@ def write_grid(path: Path, rows: List[Dict[str, Any]], images: List[Any]) -> Non
             colour = "tab:green" if right else "tab:red"
             title += "" if right else f"\ntrue {row['label']}"
         ax.set_title(title, fontsize=8, color=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=GRID_DPI))
-    plt.close(fig)
+    return fig
 
 
 def check_output(path: Optional[Path], default: Optional[Path], force: bool, flag: str) -> Optional[Path]:
@@ -551,12 +564,39 @@ def build_source(run: LoadedRun, job: Job) -> Tuple[Any, List[str]]:
 
 def run_precision(run: LoadedRun, asked: Optional[str], has_cuda: bool) -> Tuple[str, Optional[str]]:
     """-> (precision, a note or None): the run's own unless asked; fp16 needs CUDA."""
-    precision = asked or str(run.cfg.train.precision)
+    precision = asked or runs_own_precision(run)
     if precision == "fp16" and not has_cuda:
         if asked:
             raise ConfigError("--precision: fp16 needs a CUDA GPU; use bf16 on CPU")
         return "no", "the run used fp16, which needs a CUDA GPU: predicting in float32"
     return precision, None
+
+
+def runs_own_precision(run: LoadedRun) -> str:
+    """The precision the run evaluated with: its config's, or for `auto` the value it resolved to
+    (summary.json's `precision`), so that predict's logits are the engine's. A run without a
+    summary (stopped before its test) resolves `auto` for this device (toolkit/fast.py)."""
+    import json
+
+    from toolkit.fast import resolve_precision
+    from toolkit.rundir import SUMMARY
+
+    asked = str(run.cfg.train.precision)
+    if asked != "auto":
+        return asked
+    try:
+        ran = json.loads((run.path / SUMMARY).read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        ran = None
+    return ran if ran in ("no", "bf16", "fp16") else resolve_precision(asked).value
+
+
+def run_channels_last(run: LoadedRun) -> bool:
+    """The run's train.channels_last, `auto` resolved for this device and model: a memory format
+    is a speed choice of the device at hand (on a CPU, off), not a part of what the run learnt."""
+    from toolkit.fast import resolve_channels_last
+
+    return bool(resolve_channels_last(run.cfg.train.channels_last, run.model).value)
 
 
 def workers_for(job: Job, source, world: int) -> int:
@@ -592,12 +632,13 @@ def _run_part(loaded: LoadedRun, source, job: Job, device, precision: str, rank:
     import torch
 
     t = loaded.cfg.train
+    channels_last = run_channels_last(loaded)
     model = loaded.model.to(device)
-    if t.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch = job.batch_size or loaded.cfg.data.eval_batch_size
     loader = make_loader(source, batches_for(len(source), batch, rank, world), num_workers)
-    return predict_batches(model, loader, device, source.normalize, job.topk, precision, t.channels_last, str(t.tta))
+    return predict_batches(model, loader, device, source.normalize, job.topk, precision, channels_last, str(t.tta))
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,7 +648,7 @@ def _run_part(loaded: LoadedRun, source, job: Job, device, precision: str, rank:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="toolkit.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  " + "\n  ".join(__doc__.split("\n")[2:5]))
+                                epilog=epilog(examples="\n".join(__doc__.split("\n")[2:6])))
     p.add_argument("run", type=Path, help="a finished training run's directory")
     p.add_argument("inputs", nargs="*", type=Path, help="image files and folders (searched recursively)")
     p.add_argument("--split", choices=["train", "val", "test"], help="predict a split of the run's own dataset")

@@ -3,6 +3,7 @@
     python -m toolkit.prepare --root /data/e4 --image-size 112 --out /data/e4_112
     python -m toolkit.prepare --root /data/e4 --image-size 112 --out /data/e4_112 --splits train val test extra --workers 4
     python -m toolkit.train --config configs/folder35_base_cnn.yaml data.name=prepared data.root=/data/e4_112
+    toolkit-prepare --root /data/e4 --image-size 112 --out /data/e4_112   # the console command, from any directory
 
 Input: the layout `imagefolder` reads, `ROOT/<split>/<class>/<image>` (toolkit/data/imagefolder.py
 says which files count and in which order). `--splits` defaults to every visible folder in ROOT
@@ -53,6 +54,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from toolkit.clihelp import epilog
 from toolkit.data.imagefolder import BATCH_MEMORY_SHARE, check_image_size, memory_bytes
 from toolkit.data.prepared import FORMAT, MANIFEST, VERSION  # the reader owns the format
 from toolkit.errors import ConfigError, ToolkitError
@@ -321,7 +323,8 @@ def _prepare(root: str, image_size: int, out: str, splits: Optional[Sequence[str
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="toolkit.prepare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=epilog(examples="\n".join(__doc__.split("\n")[2:6])))
     p.add_argument("--root", required=True, help="image folder: ROOT/<split>/<class>/<image>")
     p.add_argument("--image-size", type=int, required=True, help="S: shorter side to S, centre crop S x S")
     p.add_argument("--out", required=True, help="the prepared folder to write (data.root of data.name=prepared)")

@@ -2,33 +2,56 @@
 
     MODELS = Registry("model")
     @MODELS.register("lenet")
-    def lenet(num_classes: int) -> nn.Module: ...
+    def lenet(num_classes: int) -> nn.Module: ...   # its docstring's first sentence: its line in toolkit-list
     MODELS.build("lenet", num_classes=10)
+    MODELS.describe("lenet")                          # that line
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import re
+from typing import Any, Callable, Dict, List, Optional
 
 from toolkit.errors import ConfigError
+
+MAX_DESCRIPTION = 110  # characters of a one-line description (toolkit-list prints one line per name)
+
+
+def first_sentence(text: Optional[str]) -> str:
+    """The first sentence of a docstring's (or comment's) first paragraph, on one line."""
+    paragraph = (text or "").strip().split("\n\n")[0]
+    line = " ".join(paragraph.split())
+    line = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0]  # "0.1" or "e.g.x" do not end a sentence
+    return line if len(line) <= MAX_DESCRIPTION else line[:MAX_DESCRIPTION - 3].rstrip() + "..."
 
 
 class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: Dict[str, Callable[..., Any]] = {}
+        self._descriptions: Dict[str, str] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(self, name: str,
+                 description: Optional[str] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator. `description`: the entry's one line where its docstring cannot say it."""
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self._entries[name] = fn
+            if description is not None:
+                self._descriptions[name] = description
             return fn
 
         return deco
 
     def names(self) -> List[str]:
         return sorted(self._entries)
+
+    def describe(self, name: str) -> str:
+        """One line: the description given at registration, else the builder's docstring's first
+        sentence ("" when it has neither; tests/test_list.py requires one for every entry)."""
+        self.check(name)
+        return self._descriptions.get(name) or first_sentence(self._entries[name].__doc__)
 
     def check(self, name: str, key: str | None = None) -> None:
         """Raise a one-line ConfigError listing the valid names when `name` is unknown."""

@@ -5,6 +5,7 @@
     python -m toolkit.report RUN_A RUN_B ... --out DIR   # DIR/compare.png, compare.csv, compare.md, report.html
     python -m toolkit.report SWEEP_DIR                # every run below it, compared
     python -m toolkit.report RUN/features --tsne      # PCA / t-SNE of extracted features, by class
+    toolkit-report RUN                                # the console command, from any directory
 
 Reads only the run-directory contract (summary.json, metrics.jsonl, config.yaml,
 confusion_*.csv, embeddings.safetensors), so it works on runs from any machine, finished or
@@ -39,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+from toolkit.clihelp import epilog  # noqa: E402
 from toolkit.errors import ConfigError, ToolkitError  # noqa: E402
 from toolkit.rundir import METRICS, REPORT, RunDir, write_atomic_bytes, write_atomic_text  # noqa: E402
 
@@ -577,7 +579,9 @@ def _parse_classes(text: Optional[str]) -> Optional[List[int]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m toolkit.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m toolkit.report", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=epilog(examples="\n".join(__doc__.split("\n")[2:8])))
     ap.add_argument("paths", nargs="+", type=Path, help="run directories, a directory of runs, or a features directory")
     ap.add_argument("--out", type=Path, help="where to write (default: the run, or PATH/compare)")
     ap.add_argument("--tsne", action="store_true", help="also t-SNE of the features (slower)")

@@ -6,6 +6,7 @@
     python -m toolkit.retrieve eval   --features GALLERY/features --queries QUERIES/features
     python -m toolkit.retrieve pairs  --features RUN/features a.jpg b.jpg c.jpg   # E3's distance table
     python -m toolkit.retrieve pairs  --features RUN/features --rows 0 5 17      # gallery rows (datasets)
+    toolkit-retrieve eval --features RUN/features                               # from any directory
 
 Features of a dataset split (digits, cifar10, ...) have no image files: name gallery rows instead
 (`search --query-index N`, `pairs --rows N N ...`; rows as in manifest.csv), and `--grid` draws
@@ -48,6 +49,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from toolkit.clihelp import epilog
 from toolkit.errors import ConfigError, ToolkitError
 
 QUERY_BLOCK_ELEMENTS = 1 << 25  # similarity entries held at once in eval: 128 MiB of float32
@@ -177,15 +179,21 @@ def retrieval_metrics(q_feats: torch.Tensor, q_labels: torch.Tensor, g_feats: to
 class QueryEncoder:
     """Encodes image files exactly as the features in DIR were extracted (model, layer, size).
     `what` and `by_row` name, in the refusal for a dataset's features, the option that took the
-    files and the one that names gallery rows instead (each command has its own)."""
+    files and the one that names gallery rows instead (each command has its own).
+
+    `dataset_images=True` also takes the features of a dataset split whose items are pictures of
+    the size and normalisation meta.json records (digits, CIFAR): a file is then resized and
+    normalised as those were. The CLIs keep refusing it (their files are meant to be gallery
+    rows); the demo page (toolkit.demo) searches a dataset's gallery with uploaded pictures."""
 
     def __init__(self, features_dir: Path, meta: Dict[str, Any], what: str = "--query",
-                 by_row: str = "--query-index N"):
+                 by_row: str = "--query-index N", dataset_images: bool = False):
         from toolkit.config import load_extract_config
         from toolkit.features import Extractor, build_model
 
         pre = meta["preprocess"]
-        if pre.get("kind") != "resize_center_crop":
+        pictures = dataset_images and pre.get("kind") == "dataset" and {"image_size", "mean", "std"} <= set(pre)
+        if pre.get("kind") != "resize_center_crop" and not pictures:
             raise ConfigError(f"{what}: the features in {features_dir} come from the {pre.get('dataset')} dataset, "
                               f"not from image files; name gallery rows with {by_row}")
         cfg = load_extract_config(str(Path(features_dir) / "config.yaml"))
@@ -503,8 +511,10 @@ def cmd_pairs(args) -> int:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    usage, notes = __doc__.split("\n", 2)[2].split("\n\n", 1)  # the commands, then the prose
     ap = argparse.ArgumentParser(prog="python -m toolkit.retrieve", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=epilog(examples=usage, docs="docs/retrieval.md", notes=notes))
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("search", help="top-k most similar gallery images for query images")
     s.add_argument("--features", type=Path, required=True, help="a features directory (RUN/features)")

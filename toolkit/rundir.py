@@ -27,6 +27,8 @@ from toolkit.errors import ConfigError, disk_full
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
+MLRUNS = "mlruns"  # MLflow's file store (log.trackers=[mlflow], MLFLOW_TRACKING_URI unset)
+WANDB = "wandb"  # W&B's offline run files (log.trackers=[wandb])
 CHECKPOINTS = "checkpoints"
 MODEL = "model.safetensors"  # the last epoch's weights (the average, with EMA)
 MODEL_BEST = "model_best.safetensors"  # the best epoch's, by train.monitor
@@ -44,7 +46,8 @@ LOCK = ".lock"
 PREEMPT = ".preempt"  # a stop request (slurm/train.sh writes it on SIGUSR1/SIGTERM)
 # What a run has written before its first checkpoint (or a sweep or SLURM job put there for it):
 # a directory holding only these may start afresh with train.resume=auto.
-BEFORE_FIRST_CHECKPOINT = (CONFIG, LABEL_NOISE, METRICS, TENSORBOARD, CHECKPOINTS, LOCK, TRIAL, PREEMPT)
+BEFORE_FIRST_CHECKPOINT = (CONFIG, LABEL_NOISE, METRICS, TENSORBOARD, MLRUNS, WANDB, CHECKPOINTS, LOCK, TRIAL,
+                           PREEMPT)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,23 @@ def ensure_writable(path: Path) -> Path:
     return path
 
 
+# The fds of the run locks this process holds. A process forked while one is held (a DataLoader
+# worker) closes its copy at once (_forget_locks): an flock lasts while any process keeps the
+# file open, so a worker that outlives its killed parent by the seconds it takes to notice would
+# keep the run "in use" and refuse the resume that follows the crash.
+_HELD: set = set()
+
+
+def _forget_locks() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Hold RUN/.lock (an exclusive flock, released when the process ends however it ends):
@@ -229,6 +249,7 @@ def run_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
             raise ConfigError(f"config: run.dir: {run_dir} is in use by another process (pid {holder}); "
                               "wait for it to end or choose another run.dir")
         time.sleep(0.5)
+    _HELD.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -238,6 +259,7 @@ def run_lock(run_dir: Path, wait_s: float = 0.0) -> Iterator[None]:
         # lock, that the name no longer leads to it, and starts over with a new file (_try_lock).
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        _HELD.discard(fd)
         os.close(fd)  # releases the lock
 
 

@@ -3,6 +3,7 @@
     accelerate launch toolkit/train.py --config configs/digits_lenet.yaml optim.lr=0.05
     accelerate launch --config_file launch/cpu_ddp.yaml toolkit/train.py --config ...
     python -m toolkit.train --config configs/digits_lenet.yaml train.epochs=3
+    toolkit-train --config digits_lenet train.epochs=3          # the console command, from any directory
 
 Overrides are `section.key=value`; see docs/quickstart.md for the sections. Exit codes:
 0 done, 1 runtime failure, 2 bad config or path, 3 too many non-finite losses, 4 stopped on a
@@ -16,29 +17,23 @@ import os
 import sys
 from typing import List, Optional
 
+from toolkit.clihelp import TRAIN_SECTIONS, config_help, epilog
 
-# Kept as text (not built from toolkit.config): `--help` answers without importing anything.
-EPILOG = """config sections (every key, its default and its check: docs/quickstart.md):
-  run     name, dir, seed
-  data    name, root, image_size, batch_size (global), loader, augment, limit, label_noise, ...
-  model   name, num_classes, pretrained, freeze
-  optim   name, lr, momentum, weight_decay, ...
-  sched   name, milestones, gamma, warmup_epochs, ...
-  loss    name, label_smoothing, margin, distance, ...
-  train   epochs, stages, precision, compile, channels_last, ema_decay, resume, ...
-  log     every_n_steps, progress, tensorboard, plots, ...
 
-examples:
-  python -m toolkit.train --config configs/digits_lenet.yaml optim.lr=0.05 train.epochs=5
+# The section lines are plain text (toolkit.clihelp): `--help` answers without importing torch.
+EXAMPLES = """\
+  toolkit-train --config digits_lenet optim.lr=0.05 train.epochs=5     # a shipped config, by name
   python -m toolkit.train --config configs/digits_lenet.yaml --print-config
   python -m toolkit.train train.resume=auto run.dir=runs/digits_lenet/20261127-140000   # continue a run
 """
+EPILOG = epilog(TRAIN_SECTIONS, EXAMPLES)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.split("\n")[0], epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="toolkit.train", description=__doc__.split("\n")[0],
+                                epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", "-c", help=config_help("digits_lenet"))
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the YAML")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
@@ -92,5 +87,10 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `toolkit-train` console command: main(), left the way a rank must leave (`_exit`)."""
     _exit(main())
+
+
+if __name__ == "__main__":
+    cli()

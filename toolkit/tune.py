@@ -6,6 +6,7 @@
     python -m toolkit.tune --space lr --workers-per-trial 2          # each trial a 2-process DDP job
     python -m toolkit.tune --space lr --address auto                 # join a running Ray cluster
     python -m toolkit.tune --resume --name NAME                      # finish a sweep whose driver died
+    toolkit-tune --space lr --config digits_lenet                    # the console command, from any directory
 
 A space is a YAML file in configs/spaces/ (or a path): `grid:` values tried in every combination,
 `random:` distributions drawn `--num-samples` times (see configs/spaces/lr.yaml). The sweep
@@ -40,11 +41,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from toolkit.config import Config, hparams, load_config, parse_yaml, to_yaml, with_flat
+from toolkit.clihelp import TRAIN_SECTIONS, config_help, epilog
+from toolkit.config import Config, find_config, hparams, load_config, parse_yaml, shipped_names, to_yaml, with_flat
 from toolkit.errors import ConfigError, ToolkitError
 from toolkit.rundir import RunDir, run_lock, write_atomic_json, write_atomic_text
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "configs" / "spaces"
 SCHEDULERS = ("asha", "fifo", "pbt")
 # What every epoch reports (engine.fit's row); log.test_every_epoch adds the test pair.
 EPOCH_METRICS = ("val_acc", "val_loss", "val_top5", "train_acc", "train_loss")
@@ -88,15 +89,12 @@ def expand(flat: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def list_spaces() -> List[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    return shipped_names("spaces")
 
 
 def load_space(name: str) -> Space:
-    """A space by name (configs/spaces/NAME.yaml) or by path."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else SPACES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--space: unknown space {name!r}; choose one of: {', '.join(list_spaces())} "
-                          f"(or a YAML path)")
+    """A space by path, or by name (configs/spaces/NAME.yaml, found as `--config` finds a config)."""
+    path = Path(find_config(name, "spaces", "--space"))
     try:
         data = parse_yaml(path.read_text()) or {}  # as configs are read: `off`/`no` stay words
     except yaml.YAMLError:
@@ -554,11 +552,14 @@ def __getattr__(name: str):
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    usage, notes = __doc__.split("\n", 2)[2].split("\n\n", 1)  # the commands, then the prose
     p = argparse.ArgumentParser(prog="python -m toolkit.tune", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=epilog(TRAIN_SECTIONS, usage, "docs/tune.md", notes))
     p.add_argument("overrides", nargs="*", help="section.key=value, applied to every trial")
-    p.add_argument("--config", "-c", help="base YAML config (configs/*.yaml)")
-    p.add_argument("--space", help=f"a space in configs/spaces/ ({', '.join(list_spaces())}) or a YAML path")
+    p.add_argument("--config", "-c", help="the trials' base config: " + config_help("digits_lenet"))
+    p.add_argument("--space", help=f"a shipped space's name ({', '.join(list_spaces())}; toolkit-list spaces) "
+                                   "or a YAML path")
     p.add_argument("--num-samples", type=int, help="draws from the space's random section (default: its grid)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="trial scheduler (default asha)")
     p.add_argument("--metric", default="val_acc", help="what the scheduler and the ranking use (default val_acc)")
@@ -608,10 +609,12 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     for o in overrides:
         if o.partition("=")[0].split(".")[0] == "run" or o.startswith("train.resume="):
             raise ConfigError(f"override {o!r}: each trial sets run.* and train.resume itself")
-    cfg = load_config(args.config, overrides)
+    config = find_config(args.config) if args.config else None  # a name: the shipped file, stored absolute
+    cfg = load_config(config, overrides)
     if args.space is None:
         raise ConfigError(f"--space is required; choose one of: {', '.join(list_spaces())}")
-    space = load_space(args.space)
+    space_path = _absolute(find_config(args.space, "spaces", "--space"))  # trials and --resume read it by path
+    space = load_space(space_path)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     mode_ = search_mode(space, args.num_samples)
@@ -647,7 +650,7 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
                               f"{', '.join(bad) if bad else 'no random section'}")
         if args.workers_per_trial > 1 or cfg.train.stages:
             raise ConfigError("--scheduler pbt: needs --workers-per-trial 1 and a single-stage config")
-    name = args.name or f"{Path(args.config).stem if args.config else 'default'}-{space.name}-" \
+    name = args.name or f"{Path(config).stem if config else 'default'}-{space.name}-" \
                         f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if os.sep in name or name in ("", ".", ".."):
         raise ConfigError(f"--name: must be a plain directory name, got {name!r}")
@@ -655,9 +658,8 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"--name: {sweep_dir} already holds a sweep; finish it with --resume --name {name} "
                           "or choose another --name")
-    return Sweep(name=name, dir=str(sweep_dir), config=_absolute(args.config), overrides=overrides,
-                 space=str(SPACES_DIR / f"{space.name}.yaml") if not args.space.endswith((".yaml", ".yml"))
-                 else _absolute(args.space), num_samples=args.num_samples, scheduler=args.scheduler,
+    return Sweep(name=name, dir=str(sweep_dir), config=_absolute(config), overrides=overrides,
+                 space=space_path, num_samples=args.num_samples, scheduler=args.scheduler,
                  metric=args.metric, mode=mode, max_concurrent=args.max_concurrent,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                  workers_per_trial=args.workers_per_trial, max_failures=args.max_failures,
@@ -864,13 +866,17 @@ def trial_rows(sweep: Sweep, grid) -> List[Dict[str, Any]]:
         row = {"trial": trial_id, "status": status,
                **{k: flat.get(k) for k in keys},
                "epochs": len(epochs), sweep.metric: values[-1] if values else None, f"best_{sweep.metric}": best,
+               "stopped_early": summary.get("stopped_early") or "",
                "test_acc": summary.get("test_acc"), "train_time_s": summary.get("train_time_s"),
                "wall_s": summary.get("wall_s"), "node": _read_json(RunDir(run_dir).trial).get("node_id", "")[:12],
                "run_dir": str(run_dir), "error": _one_line(error) if error else ""}
         row["_flat"] = flat  # what the trial set (not a csv column)
         rows.append(row)
     sign = -1 if sweep.mode == "max" else 1
-    rows.sort(key=lambda r: (r[sweep.metric] is None, -r["epochs"], sign * (r[sweep.metric] or 0)))
+    # Finished trials first, by metric: one that early stopping ended is finished, with fewer
+    # epochs. Trials a scheduler cut short follow, the longest-lived first.
+    rows.sort(key=lambda r: (r[sweep.metric] is None, r["status"] != "done",
+                             0 if r["status"] == "done" else -r["epochs"], sign * (r[sweep.metric] or 0)))
     return rows
 
 
@@ -904,7 +910,8 @@ def summarize(sweep: Sweep, grid, wall_s: float, failure: Optional[BaseException
     sweep_dir = Path(sweep.dir)
     keys = load_space(sweep.space).keys
     rows = trial_rows(sweep, grid)
-    columns = ["trial", "status", *keys, "epochs", sweep.metric, f"best_{sweep.metric}", "test_acc", "train_time_s",
+    columns = ["trial", "status", *keys, "epochs", "stopped_early", sweep.metric, f"best_{sweep.metric}", "test_acc",
+               "train_time_s",
                "wall_s", "node", "run_dir", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")

@@ -10,7 +10,8 @@ No test module imports another test module or conftest; what two of them need li
 """
 
 from .cifar import CIFAR10_CLASSES, cifar_batch, dump_pickle, make_cifar10, make_cifar100
-from .cli import (DEMO, ROOT, assert_same_weights, child_env, free_port, launch, metrics, ok, refused_in_process,
+from .cli import (DEMO, ROOT, assert_same_weights, child_env, free_port, imported_by, launch, metrics, ok,
+                  refused_in_process,
                   run_module,
                          summary, train, weights)
 from .images import (CLASSES, KINDS, PER_CLASS, build_imagefolder, decode_folder_args, decoded_batches,
@@ -19,6 +20,6 @@ from .images import (CLASSES, KINDS, PER_CLASS, build_imagefolder, decode_folder
 
 __all__ = ["CIFAR10_CLASSES", "CLASSES", "DEMO", "KINDS", "PER_CLASS", "ROOT", "assert_same_weights",
            "build_imagefolder", "child_env", "cifar_batch", "decode_folder_args", "decoded_batches", "dump_pickle",
-           "flat_image", "free_port", "launch", "make_cifar10", "make_cifar100", "make_decode_folder", "make_folder",
+           "flat_image", "free_port", "imported_by", "launch", "make_cifar10", "make_cifar100", "make_decode_folder", "make_folder",
            "metrics", "ok", "png_bomb", "refused_in_process", "run_module", "summary", "train", "truncated_bmp", "truncated_jpeg",
            "truncated_png", "weights"]

@@ -18,8 +18,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
+from toolkit.config import SHIPPED
+
+from . import forkserver
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/helpers/cli.py -> ../..
-DEMO = str(ROOT / "configs" / "digits_lenet.yaml")
+DEMO = str(SHIPPED / "digits_lenet.yaml")  # where the package keeps it (ROOT/configs is a symlink to SHIPPED)
 
 
 def free_port() -> int:
@@ -43,8 +47,13 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 def run_module(module: str, args: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: int = 300,
                cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` in CWD, output captured as text (toolkit.extract, toolkit.report, ...)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=child_env(env),
+    """`python -m MODULE ARGS` in CWD, output captured as text (toolkit.extract, toolkit.report, ...).
+    Started as a fork of a server that has torch and the rest imported (helpers/forkserver.py)
+    unless ENV changes what an import reads, or TOOLKIT_TEST_FORK=0."""
+    full_env = child_env(env)
+    if forkserver.enabled() and forkserver.forkable(full_env):
+        return forkserver.run_forked(module, args, full_env, cwd, timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -58,11 +67,22 @@ def launch(args: List[str], config_file: str = "launch/cpu_ddp.yaml", env: Optio
            timeout: int = 300, script: str = "toolkit/train.py",
            launch_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file CONFIG_FILE toolkit/train.py ARGS`, on a free port."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, *launch_args]
+    launcher = ["--config_file", config_file, *launch_args]
     if "ddp" in config_file:
-        cmd += ["--main_process_port", str(free_port())]
-    return subprocess.run([*cmd, script, *args], cwd=ROOT, env=child_env(env), capture_output=True,
-                          text=True, timeout=timeout)
+        launcher += ["--main_process_port", str(free_port())]
+    # The launcher (a fork, see run_module) starts the script's processes as new interpreters.
+    return run_module("accelerate.commands.launch", [*launcher, script, *args], env=env, timeout=timeout)
+
+
+def imported_by(module: str, argv: Sequence[str], names: Sequence[str], cwd: Path) -> List[bool]:
+    """Run `python -m MODULE ARGV` in a new interpreter (never the fork server: it has torch loaded)
+    and say which of NAMES it imported. The command must exit 0."""
+    code = (f"import runpy, sys\nsys.argv = [{module!r}, *{list(argv)!r}]\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+            f"    assert not e.code, e.code\nprint(*[n in sys.modules for n in {list(names)!r}])")
+    proc = ok(subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(), capture_output=True,
+                             text=True, timeout=120))
+    return [word == "True" for word in proc.stdout.strip().splitlines()[-1].split()]
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

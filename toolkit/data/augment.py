@@ -27,6 +27,7 @@ Augment = Callable[..., torch.Tensor]
 
 @AUGMENTS.register("none")
 def none(**_) -> None:
+    """No augmentation: training batches as the dataset gives them."""
     return None
 
 

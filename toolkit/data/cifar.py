@@ -126,10 +126,12 @@ def _build(kind: str, root: str | None, split_seed: int, limit: int | None, down
 @DATASETS.register("cifar10")
 def cifar10(root: str | None = None, split_seed: int = 0, limit: int | None = None,
             download: bool = False, **_) -> Splits:
+    """CIFAR-10 from ROOT/cifar-10-batches-py (torchvision's format); val: a stratified 10% of train."""
     return _build("cifar10", root, split_seed, limit, download)
 
 
 @DATASETS.register("cifar100")
 def cifar100(root: str | None = None, split_seed: int = 0, limit: int | None = None,
              download: bool = False, **_) -> Splits:
+    """CIFAR-100 (fine labels) from ROOT/cifar-100-python (torchvision's format); val: a stratified 10% of train."""
     return _build("cifar100", root, split_seed, limit, download)

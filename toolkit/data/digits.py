@@ -36,6 +36,7 @@ def split_indices(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
 
 @DATASETS.register("digits")
 def digits(root: str | None = None, split_seed: int = 0, limit: int | None = None, **_) -> Splits:
+    """The 1,797 8x8 handwritten digits that ship with scikit-learn, as 32x32 RGB; no download."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()

@@ -19,6 +19,7 @@ NUM_CLASSES = 10
 
 @DATASETS.register("synthetic")
 def synthetic(split_seed: int = 0, limit: int | None = None, image_size: int | None = None, **_) -> Splits:
+    """Random uint8 images and labels (10 classes, data.image_size px) for speed tests; accuracy stays at chance."""
     size = image_size or 32
     g = torch.Generator().manual_seed(split_seed)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.2887)  # uniform 0..1: mean 1/2, std 1/sqrt(12)

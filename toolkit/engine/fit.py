@@ -39,15 +39,16 @@ from toolkit.ema import ModelEma
 from toolkit.engine.best import BestEpoch, copy_weights
 from toolkit.engine.evaluate import evaluate, plot_sample
 from toolkit.engine.loop import train_epoch
-from toolkit.engine.resume import EMA_FILE, apply_optim_hparams, find_resume, load_ema, load_resume
+from toolkit.engine.resume import EMA_FILE, apply_optim_hparams, find_resume, load_ema, load_resume, recorded_speed
 from toolkit.engine.stage import StageRun, check_batch_sizes, choose_loader
 from toolkit.engine.state import TrainState
 from toolkit.errors import ConfigError, disk_full
+from toolkit.fast import change_note, resolve_channels_last, resolve_precision, summary_fields, with_resolved
 from toolkit.faults import Faults
 from toolkit.models import MODELS
 from toolkit.models.freeze import unwrap
 from toolkit.preempt import Preemption
-from toolkit.tracking import Tracker
+from toolkit.tracking import Tracker, accelerate_trackers, check_trackers, resolve_trackers
 
 OnEpochEnd = Callable[[Dict[str, Any]], None]
 
@@ -69,8 +70,15 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
          stack: contextlib.ExitStack) -> Dict[str, Any]:
     t_start = time.perf_counter()
     check_paths(cfg)
+    trackers = resolve_trackers(cfg.log.trackers, cfg.log.tensorboard)
+    check_trackers(trackers)  # a tracker's missing package: one line, before anything is created
     owns_group = not torch.distributed.is_initialized()  # (a Ray Train worker's group is Ray's)
-    accelerator = make_accelerator(cfg)
+    # `auto` precision and channels_last are resolved for this process's device (toolkit/fast.py),
+    # or kept as the checkpoint a resume continues was trained; config.yaml keeps what was asked.
+    asked, recorded = cfg, recorded_speed(cfg.train.resume, cfg.run.dir)
+    precision = resolve_precision(cfg.train.precision, recorded.get("precision"))
+    cfg = with_resolved(cfg, "train", precision=precision.value)
+    accelerator = make_accelerator(cfg, trackers)
     if owns_group:  # on every way out: an error, a stop request, or after end_training (a no-op then)
         stack.callback(release_process_group)
     t = cfg.train
@@ -84,6 +92,9 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
         check_batch_sizes(len(splits.train), d.batch_size, d.eval_batch_size, d.drop_last, accelerator.num_processes,
                           d.sampler, d.pk_k)
     raw_model = MODELS.build(cfg.model.name, num_classes=num_classes, pretrained=cfg.model.pretrained)
+    channels_last = resolve_channels_last(t.channels_last, raw_model, recorded.get("channels_last"))
+    cfg = with_resolved(cfg, "train", channels_last=channels_last.value)
+    t, stages = cfg.train, resolve_stages(cfg)  # every stage trains with the resolved value
     if t.channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     # The run directory appears only once the data, the batch sizes and the model (its weights
@@ -92,7 +103,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     tracker = Tracker(accelerator, run.path, cfg.log.progress)
     stack.enter_context(tracker.lock(lock_wait_s))
     # The directory the run used, not `null`: config.yaml is the record of where it ran.
-    config_yaml = to_yaml(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run.path))))
+    config_yaml = to_yaml(dataclasses.replace(asked, run=dataclasses.replace(asked.run, dir=str(run.path))))
     tracker.write_text(rundir.CONFIG, config_yaml)
     if noise_record is not None:
         tracker.write_text(rundir.LABEL_NOISE, json.dumps(noise_record) + "\n")  # one line: it lists every change
@@ -107,11 +118,15 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
         state = resume_into(accelerator, stage_run, ema, raw_model, resume_path, run.checkpoints, tracker,
                             stage.cfg.optim if optim_from_config else None)
     tracker.truncate_after(state.step)
-    if cfg.log.tensorboard:
+    state.precision, state.channels_last = precision.value, channels_last.value  # saved with every checkpoint
+    if trackers:
         set_logging_dir(accelerator, run.path)
-        tracker.start_tensorboard(hparams(cfg))
-    tracker.print(_banner(cfg, run.path, raw_model, stage_run, splits, accelerator, len(stages)))
+        tracker.start_trackers(trackers, hparams(cfg))
+    speed = f"precision {precision.describe()}, channels_last {channels_last.describe()}"
+    tracker.print(_banner(cfg, run.path, raw_model, stage_run, splits, accelerator, len(stages), speed))
     warnings = run_warnings(cfg.model.pretrained, stages[0]) + [note for st in stages for note in st.notes]
+    warnings += [n for n in (change_note("train.precision", precision),
+                             change_note("train.channels_last", channels_last)) if n]
     for w in warnings:
         tracker.print(f"warning: {w}")
 
@@ -153,7 +168,8 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     tracker.close()
     summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, t_start=t_start,
                      resumed_from=resume_path, num_params=sum(p.numel() for p in raw_model.parameters()),
-                     warnings=warnings, best_weights=saver.best_weights)
+                     warnings=warnings, best_weights=saver.best_weights,
+                     speed={**summary_fields("precision", precision), **summary_fields("channels_last", channels_last)})
     accelerator.wait_for_everyone()  # rank 0 has written the plots: every rank tears down together
     accelerator.end_training()
     return summary
@@ -172,8 +188,12 @@ def release_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, trackers: Optional[List[str]] = None) -> Accelerator:
+    """The run's Accelerator; TRACKERS (default: log.trackers as resolve_trackers gives them)
+    become its `log_with`."""
     t = cfg.train
+    if trackers is None:
+        trackers = resolve_trackers(cfg.log.trackers, cfg.log.tensorboard)
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("config: train.precision: fp16 needs a CUDA GPU; use bf16 on CPU")
     # `accelerate launch` with a DeepSpeed launch file sets this in every process. Without CUDA
@@ -185,10 +205,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # Without CUDA, Accelerate forms a gloo group (MULTI_CPU) only when told it is on the CPU;
         # otherwise torchrun's processes each see world size 1.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=str(t.precision),
+        mixed_precision=resolve_precision(t.precision).value,  # fit passes it resolved; `auto` for other callers
         gradient_accumulation_steps=t.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with="tensorboard" if cfg.log.tensorboard else None,
+        log_with=accelerate_trackers(trackers, cfg.run.name) or None,
         # The run directory is chosen after start-up (rank 0 picks, all ranks agree); it is set
         # before init_trackers, which is when TensorBoard reads it (accelerate_compat.set_logging_dir).
         project_config=ProjectConfiguration(project_dir=".", logging_dir="."),
@@ -421,7 +441,8 @@ def _evaluate(stage_run: StageRun, loader, split: str, accelerator: Accelerator,
 
 def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, tracker: Tracker,
            run: rundir.RunDir, state: TrainState, num_classes: int, *, t_start: float, resumed_from: Optional[Path],
-           num_params: int, warnings: List[str], best_weights: Optional[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+           num_params: int, warnings: List[str], best_weights: Optional[Dict[str, torch.Tensor]],
+           speed: Dict[str, Any]) -> Dict[str, Any]:
     """Save RUN/model.safetensors (last) and RUN/model_best.safetensors, test, write the summary and
     the result files; returns the summary. `t_start`: when fit began (wall_s counts everything up
     to the summary); `warnings`: what run_warnings said at the start, kept in the summary.
@@ -468,8 +489,8 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
         **training_rates(state), "train_time_s": state.train_time_s,
         "wall_s": time.perf_counter() - t_start,
         "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-        "precision": str(t.precision), "loader": stage_run.loader, "decode": stage_run.decode,
-        "ema_decay": t.ema_decay, "tta": str(t.tta), "num_params": num_params,
+        **speed, "loader": stage_run.loader, "decode": stage_run.decode,
+        "ema_decay": t.ema_decay, "tta": str(t.tta), "num_params": num_params, "trackers": tracker.trackers,
         "num_trainable_params": stage_run.num_trainable, "nonfinite_steps": state.nonfinite_total,
         "resumed_from": str(resumed_from) if resumed_from else None, "warnings": warnings,
         "per_class_acc": dict(zip(splits.class_names, test["per_class_acc"])), "run_dir": str(run.path),
@@ -491,7 +512,8 @@ def finish(cfg: Config, stage_run: StageRun, splits, accelerator: Accelerator, t
             tracker.save_tensors(rundir.EMBEDDINGS, {
                 "train/features": train_eval["features"].contiguous(), "train/labels": train_eval["labels"],
                 "test/features": test["features"].contiguous(), "test/labels": test["labels"]})
-        tracker.write_plots(tsne=log.tsne, classes=list(log.embed_classes) or None)
+        plots = tracker.write_plots(tsne=log.tsne, classes=list(log.embed_classes) or None)
+        tracker.tensorboard_images(state.step, plots, splits.test, tested, accelerator.device)
     return summary
 
 
@@ -541,12 +563,12 @@ def confusion_csv(names: List[str], matrix: List[List[int]]) -> str:
 
 
 def _banner(cfg: Config, run_dir: Path, raw_model: nn.Module, stage_run: StageRun, splits,
-            accelerator: Accelerator, num_stages: int) -> str:
+            accelerator: Accelerator, num_stages: int, speed: str) -> str:
     num_params = sum(p.numel() for p in raw_model.parameters())
     return (f"run {run_dir}: {cfg.model.name} ({num_params:,} parameters, {stage_run.num_trainable:,} trained) "
             f"on {cfg.data.name} ({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), "
             f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-            f"device {accelerator.device}, precision {cfg.train.precision}, loader {stage_run.loader}"
+            f"device {accelerator.device}, {speed}, loader {stage_run.loader}"
             + (f", {num_stages} stages" if num_stages > 1 else ""))
 
 

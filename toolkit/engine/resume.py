@@ -7,7 +7,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -128,6 +128,9 @@ def apply_optim_hparams(optimizer, scheduler, o, saved_lr: float) -> None:
 # Keys a resume may change: where the run lives and is logged, how often it saves, how long
 # it runs. Everything else (model, data, batch size, optimizer, schedule, loss, precision,
 # seed, ...) is part of what the checkpoint means, so a different value is refused.
+# `auto` precision and channels_last stay `auto` in the checkpoint's config, so resuming on
+# another device is not a change; the values the run trained with are in its trainer_state.json
+# (recorded_speed), and fit keeps them (toolkit/fast.py).
 RESUME_MAY_CHANGE = ("run.dir", "run.name", "train.resume", "train.epochs", "train.checkpoint_every_steps",
                      "train.keep_last", "train.preempt_check_steps", "train.dist_timeout_s", "data.num_workers",
                      "data.eval_batch_size", "train.test_weights", "train.early_stop_patience",
@@ -145,6 +148,19 @@ def resume_checkpoint(resume: str, run_dir: Optional[str]) -> Optional[Path]:
         return None
     path, _ = checkpoint.find_resumable(Path(run_dir) / rundir.CHECKPOINTS)
     return path
+
+
+def recorded_speed(resume: str, run_dir: Optional[str]) -> Dict[str, Any]:
+    """The resolved precision and channels_last of the checkpoint a run will resume
+    ({"precision": "bf16", "channels_last": True}), {} for a fresh start or a checkpoint from
+    before they were recorded. Disk only, no ranks: the Accelerator's precision is chosen from it
+    before the Accelerator exists. A checkpoint that is not usable is find_resume's to report."""
+    try:
+        path = resume_checkpoint(resume, run_dir)
+        state = checkpoint.read_state(path) if path is not None else {}
+    except (ConfigError, OSError, ValueError):
+        return {}
+    return {k: state[k] for k in ("precision", "channels_last") if state.get(k) is not None}
 
 
 def config_for_resume(requested: Config, config_path: Optional[str], overrides: Sequence[str]) -> tuple:

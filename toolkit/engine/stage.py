@@ -137,7 +137,7 @@ class StageRun:
             augment=AUGMENTS.build(d.augment, **stats),
             mix=BatchMix(d.mixup_alpha, d.cutmix_alpha, num_classes) if d.mixup_alpha > 0 or d.cutmix_alpha > 0
             else None,
-            channels_last=t.channels_last, rank=accelerator.process_index, world=accelerator.num_processes)
+            channels_last=bool(t.channels_last), rank=accelerator.process_index, world=accelerator.num_processes)
         self.step = TrainStep(model, criterion, optimizer, scheduler, prep, make_policy(t.nonfinite, t.max_nonfinite),
                               tap=tap, ema=ema, clip_grad_norm=t.clip_grad_norm)
         # What validation and test run: the weights' moving average when train.ema_decay > 0.

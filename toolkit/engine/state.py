@@ -31,6 +31,8 @@ class TrainState:
     epochs_without_improvement: int = 0  # epochs since it improved by more than min_delta
     stopped_early: int = 0  # the epoch after which early stopping ended the run (0: it did not)
     lr: float = 0.0  # the learning rate the last update used (what the logs show), first param group
+    precision: Optional[str] = None  # the precision and channels_last the run trains with, `auto` resolved:
+    channels_last: Optional[bool] = None  # a resumed `auto` run keeps them (toolkit/fast.py)
 
     @classmethod
     def load(cls, checkpoint_dir: Path) -> "TrainState":

@@ -1,5 +1,6 @@
-"""Features: the on-disk store (store.py), the model that fills it (extractor.py) and the
-background shard writer (writer.py). The job and its CLI are toolkit/extract.py; search and
+"""Features: the on-disk store (store.py), the model that fills it (extractor.py), the
+background shard writer (writer.py) and the batches of an in-memory set streamed to a GPU while
+the model runs (staging.py). The job and its CLI are toolkit/extract.py; search and
 evaluation over a store are toolkit/retrieve.py.
 
     from toolkit.features import load_features

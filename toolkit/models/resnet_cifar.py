@@ -101,17 +101,20 @@ class ResNetCifar(nn.Module):
 
 @MODELS.register("resnet18_cifar")
 def resnet18_cifar(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """ResNet-18, CIFAR variant: 3x3 stride-1 stem, no max-pool, 11M parameters; any input >= 32 px."""
     return load_pretrained(ResNetCifar((2, 2, 2, 2), num_classes), pretrained, "resnet18_cifar")
 
 
 @MODELS.register("res_basic")
 def res_basic(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """E4's small residual CNN of BasicBlocks: stem 32, stages 32/64/128, 2 blocks each."""
     model = ResNetCifar((2, 2, 2), num_classes, width=32, block=BasicBlock)
     return load_pretrained(model, pretrained, "res_basic")
 
 
 @MODELS.register("res_bottleneck")
 def res_bottleneck(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """E4's small residual CNN of Bottleneck blocks: stem 32, stage widths 32/64/128 (outputs x4), 2 blocks each."""
     model = ResNetCifar((2, 2, 2), num_classes, width=32, block=Bottleneck)
     return load_pretrained(model, pretrained, "res_bottleneck")
 
@@ -164,4 +167,5 @@ class ResNet9(nn.Module):
 
 @MODELS.register("resnet9")
 def resnet9(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """ResNet-9 of the CIFAR-10 speed records (Myrtle.ai), 6.6M parameters; configs/cifar10_fast.yaml trains it."""
     return load_pretrained(ResNet9(num_classes), pretrained, "resnet9")

@@ -60,9 +60,11 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 
 @MODELS.register("base_cnn")
 def base_cnn(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """E4's base CNN: 4 stages of conv3x3-BN-ReLU + max-pool (32/64/128/256), global average pool; any size >= 16."""
     return load_pretrained(PlainCNN(BASE_CNN, num_classes), pretrained, "base_cnn")
 
 
 @MODELS.register("vgg16_bn_cifar")
 def vgg16_bn_cifar(num_classes: int, pretrained: str | None = None) -> nn.Module:
+    """VGG-16 with BatchNorm, CIFAR variant: global average pool, one Linear 512 -> N; any size >= 32."""
     return load_pretrained(PlainCNN(VGG16, num_classes), pretrained, "vgg16_bn_cifar")
