@@ -195,13 +195,15 @@ def browser(tmp_path_factory):
 
 
 def upload(driver, path: Path, timeout: float = 60) -> str:
-    """Give the page's image input PATH, wait for the status to name it -> the status text."""
+    """Give the page's image input PATH, wait for the status to name it -> the status text.
+    While Gradio still works on the event, its progress line ("processing | 0.2/0.1s") sits above
+    the new text in the same box: only a status that starts with the file's answer is final."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def status_names_it(d):
         text = d.find_element(By.ID, "status").text
-        return text if path.name in text else False
+        return text if text.startswith((f"{path.name}: ", f"Cannot use {path.name}")) else False
 
     driver.find_element(By.CSS_SELECTOR, "#query input[type=file]").send_keys(str(path))
     return WebDriverWait(driver, timeout).until(status_names_it)
