@@ -113,12 +113,13 @@ def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
     # follows at once must find the run free.
     code = ("import os, sys, time; from pathlib import Path; from toolkit.rundir import run_lock\n"
             "with run_lock(Path(sys.argv[1])):\n"
-            "    if os.fork() == 0:\n        time.sleep(30); os._exit(0)\n"
-            "    print('held', flush=True); sys.stdin.read()\n")
+            "    if os.fork() == 0:\n        os.write(1, b'forked\\n'); time.sleep(30); os._exit(0)\n"
+            "    os.write(1, b'held\\n'); sys.stdin.read()\n")  # one write each: the lines never interleave
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     try:
-        assert child.stdout.readline().strip() == "held"
+        # both running: the forked child has run its at-fork handlers by the time it prints
+        assert {child.stdout.readline().strip(), child.stdout.readline().strip()} == {"held", "forked"}
         child.kill()  # the holder dies; its forked child sleeps on
         child.wait(timeout=30)
         with run_lock(tmp_path):
