@@ -70,6 +70,15 @@ def cycle(batches: List[tuple], steps: int):
         yield batches[i % len(batches)]
 
 
+def prepared(batches: List[tuple], steps: int, channels_last: bool):
+    """STEPS batches, normalised and in the memory format the model was put in: what both
+    hand-written loops feed their model (the toolkit's engine does the same inside)."""
+    norm = Normalize(MEAN, STD)
+    for x, y in cycle(batches, steps):
+        x = norm(x)
+        yield (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
+
+
 def timed(run_steps: Callable[[int], None], warmup: int, steps: int, batch: int, device: torch.device) -> float:
     """images/s of `steps` steps, after `warmup` steps, between two device syncs."""
     run_steps(warmup)
@@ -82,15 +91,11 @@ def timed(run_steps: Callable[[int], None], warmup: int, steps: int, batch: int,
 
 def plain(args, batches, device: torch.device) -> float:
     model, opt = build(args.model, args.classes, device, args.channels_last)
-    norm = Normalize(MEAN, STD)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     model.train()
 
     def run_steps(n: int) -> None:
-        for x, y in cycle(batches, n):
-            x = norm(x)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in prepared(batches, n, args.channels_last):
             ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with ctx:
                 loss = F.cross_entropy(model(x), y)
@@ -116,14 +121,10 @@ def fabric(args, batches, device: torch.device) -> float:
     fab = Fabric(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, precision=precision)
     model, opt = build(args.model, args.classes, device, args.channels_last)
     model, opt = fab.setup(model, opt)  # the forward runs under Fabric's autocast
-    norm = Normalize(MEAN, STD)
     model.train()
 
     def run_steps(n: int) -> None:
-        for x, y in cycle(batches, n):
-            x = norm(x)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in prepared(batches, n, args.channels_last):
             loss = F.cross_entropy(model(x), y)
             fab.backward(loss)
             opt.step()
