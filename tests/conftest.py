@@ -4,6 +4,7 @@ mode), and pyproject.toml's `pythonpath = ["tests"]` says so explicitly."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -35,9 +36,15 @@ def sweep_signing_key(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_single(tmp_path_factory) -> Path:
+def demo_single(tmp_path_factory, worker_id) -> Path:
     """The demo config, trained once per session with one process, exactly as `make demo` runs it.
-    Tests that use it launch a CLI: mark them slow."""
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    ok(launch(["--config", DEMO, f"run.dir={run_dir}"], config_file="launch/cpu.yaml"))
+    Tests that use it launch a CLI: mark them slow. Read it, never write into it: under xdist the
+    workers share this one run (the first to need it trains it while the others wait on a lock)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the session's folder above the workers'
+    run_dir = shared / "demo_single" / "run"
+    with open(shared / "demo_single.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / "summary.json").is_file():
+            ok(launch(["--config", DEMO, f"run.dir={run_dir}"], config_file="launch/cpu.yaml"))
     return run_dir

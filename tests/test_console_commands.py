@@ -51,7 +51,7 @@ def one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 def test_the_scripts_are_the_commands_users_are_told_about():
     assert sorted(SCRIPTS) == sorted(f"toolkit-{c}" for c in (
-        "train", "extract", "predict", "retrieve", "tune", "report", "demo", "export", "prepare", "list"))
+        "train", "extract", "predict", "retrieve", "tune", "report", "demo", "export", "prepare", "list", "clean"))
     # train leaves through os._exit on a multi-process rank (toolkit.train.cli), the rest return main()'s code
     assert SCRIPTS["toolkit-train"] == "toolkit.train:cli"
     assert all(v == f"toolkit.{k.removeprefix('toolkit-')}:main" for k, v in SCRIPTS.items() if k != "toolkit-train")
@@ -204,6 +204,15 @@ def test_every_command_answers_help_from_anywhere(name, tmp_path):
 def test_help_does_not_import_torch(cli, tmp_path):
     """--help answers before torch loads (seconds on a busy machine): checked in a fresh interpreter."""
     assert imported_by(f"toolkit.{cli}", ["--help"], ["torch", "torchvision"], tmp_path) == [False, False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["model.name=nosuch", "data.name=nosuch", "loss.name=nosuch",
+                                      "optim.name=nosuch", "sched.name=nosuch", "data.augment=nosuch"])
+def test_a_wrong_registry_name_is_refused_before_torch_loads(override, tmp_path):
+    """toolkit.catalog knows every name: a typo in one costs a fraction of a second, not torch's import."""
+    assert imported_by("toolkit.train", ["--config", "digits_lenet", override], ["torch"], tmp_path,
+                       exit_code=2) == [False]
 
 
 @pytest.mark.slow

@@ -201,6 +201,11 @@ def test_a_cpu_training_run_resolves_auto_to_fp32_and_contiguous_and_resumes(tmp
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["precision"], state["channels_last"]) == ("no", False)
+    # train.deterministic defaults to false (cudnn.benchmark on a GPU); on a CPU true trains the same weights
+    assert "deterministic: false" in saved
+    det = tmp_path / "deterministic"
+    ok(train(["--config", DEMO, f"run.dir={det}", *SHORT, "train.deterministic=true"]))
+    assert (det / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     # resuming the `auto` run is not refused, and it continues with the checkpoint's values
     proc = ok(train(["train.resume=auto", f"run.dir={run}", "train.epochs=2"]))
     assert "precision no (auto: kept from the checkpoint), channels_last false (auto: kept from the checkpoint)" \

@@ -16,10 +16,11 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+from toolkit.catalog import HEADS
 from toolkit.errors import ConfigError
 from toolkit.models import MODELS
 from toolkit.models.freeze import FREEZE_MODES, apply_freeze, set_train_mode, unwrap
-from toolkit.models.weights import HEADS, check_pretrained
+from toolkit.models.weights import check_pretrained
 from toolkit.optim import param_groups
 
 TORCHVISION = ["mobilenet_v3_small", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn"]

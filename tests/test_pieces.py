@@ -4,6 +4,8 @@ schedules and fault injection."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -64,6 +66,29 @@ def test_registry_check_lists_names():
     assert str(ei.value) == "unknown widget 'nope'; choose one of: a, b, c"
     with pytest.raises(ConfigError):
         reg.build("nope")
+
+
+def test_a_listed_registry_knows_names_before_import_and_refuses_unlisted_ones(tmp_path, monkeypatch):
+    """toolkit.catalog's registries: names without importing the module, the module imported on
+    first build, and a name registered from a module not listed for it refused."""
+    (tmp_path / "widgets_mod.py").write_text(
+        "import test_reg_home as h\n"
+        "@h.REG.register('gear')\n"
+        "def gear(n):\n    return ('gear', n)\n")
+    (tmp_path / "test_reg_home.py").write_text(
+        "from toolkit.registry import Registry\nREG = Registry('widget', {'widgets_mod': ('gear',)})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import test_reg_home
+
+    reg = test_reg_home.REG
+    assert reg.names() == ["gear"] and "gear" in reg and "widgets_mod" not in sys.modules
+    reg.check("gear")
+    assert reg.build("gear", n=3) == ("gear", 3) and "widgets_mod" in sys.modules
+    with pytest.raises(ValueError, match="does not list"):
+        reg.register("other")(lambda: None)
+    with pytest.raises(ConfigError, match="unknown widget 'nope'; choose one of: gear"):
+        reg.check("nope")
+    sys.modules.pop("widgets_mod"), sys.modules.pop("test_reg_home")
 
 
 def test_global_registries_hold_what_the_experiments_need():
@@ -142,6 +167,35 @@ def test_digits_split_indices_partition(all_labels):
     allidx = np.concatenate([tr, va, te])
     assert sorted(allidx.tolist()) == list(range(1797))  # disjoint and covering
     assert (np.diff(tr) > 0).all() and (np.diff(va) > 0).all() and (np.diff(te) > 0).all()
+
+
+def test_digits_read_without_sklearn_equals_load_digits():
+    """The default path reads scikit-learn's file itself; it must give load_digits' arrays."""
+    from sklearn.datasets import load_digits
+    from toolkit.data.digits import load_raw
+    flat, target = load_raw()
+    raw = load_digits()
+    assert np.array_equal(flat, raw.data) and np.array_equal(target, raw.target)
+
+
+def test_digits_shipped_split_is_sklearns(all_labels):
+    """digits_split_seed0.txt is what scikit-learn's stratified split gives for split_seed 0, and
+    seed 0 uses it; another seed is computed (and differs)."""
+    from toolkit.data.digits import computed_split, shipped_split, split_indices
+    for got, want in zip(shipped_split(len(all_labels)), computed_split(all_labels, 0)):
+        assert np.array_equal(got, want)
+    for got, want in zip(split_indices(all_labels, 0), computed_split(all_labels, 0)):
+        assert np.array_equal(got, want)
+    assert not np.array_equal(split_indices(all_labels, 1)[0], split_indices(all_labels, 0)[0])
+
+
+def test_default_digits_run_does_not_import_sklearn():
+    """scikit-learn's import is ~1.2 s of a demo run: the default digits set must not need it."""
+    code = ("import sys; from toolkit.data import DATASETS; "
+            "DATASETS.build('digits', root=None, split_seed=0, limit=None); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_digits_split_matches_labels(digits0, all_labels):

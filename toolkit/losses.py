@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.registry import Registry
-
-LOSSES = Registry("loss")
+from toolkit.catalog import LOSSES
 
 
 @LOSSES.register("cross_entropy")

@@ -18,10 +18,7 @@ from typing import Iterable, List, Sequence
 import torch
 from torch import nn
 
-from toolkit.registry import Registry
-
-OPTIMIZERS = Registry("optimizer")
-SCHEDULERS = Registry("scheduler")
+from toolkit.catalog import OPTIMIZERS, SCHEDULERS
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool = False) -> List[dict]:

@@ -74,12 +74,13 @@ def launch(args: List[str], config_file: str = "launch/cpu_ddp.yaml", env: Optio
     return run_module("accelerate.commands.launch", [*launcher, script, *args], env=env, timeout=timeout)
 
 
-def imported_by(module: str, argv: Sequence[str], names: Sequence[str], cwd: Path) -> List[bool]:
+def imported_by(module: str, argv: Sequence[str], names: Sequence[str], cwd: Path, exit_code: int = 0) -> List[bool]:
     """Run `python -m MODULE ARGV` in a new interpreter (never the fork server: it has torch loaded)
-    and say which of NAMES it imported. The command must exit 0."""
+    and say which of NAMES it imported. The command must exit with EXIT_CODE."""
     code = (f"import runpy, sys\nsys.argv = [{module!r}, *{list(argv)!r}]\n"
             f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
-            f"    assert not e.code, e.code\nprint(*[n in sys.modules for n in {list(names)!r}])")
+            f"    assert (e.code or 0) == {exit_code}, e.code\nelse:\n    assert {exit_code} == 0\n"
+            f"print(*[n in sys.modules for n in {list(names)!r}])")
     proc = ok(subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(), capture_output=True,
                              text=True, timeout=120))
     return [word == "True" for word in proc.stdout.strip().splitlines()[-1].split()]

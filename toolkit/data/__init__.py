@@ -3,7 +3,7 @@
     splits = DATASETS.build("digits", root=None, split_seed=0, limit=None)
 """
 
-from toolkit.data import cifar, digits, imagefolder, prepared, synthetic  # noqa: F401  (register entries)
-from toolkit.data.base import DATASETS, Splits, TensorImageDataset, collate_batch
+from toolkit.catalog import DATASETS  # an entry's module is imported when the entry is first built
+from toolkit.data.base import Splits, TensorImageDataset, collate_batch
 
 __all__ = ["DATASETS", "Splits", "TensorImageDataset", "collate_batch"]

@@ -18,9 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from toolkit.registry import Registry
-
-AUGMENTS = Registry("augmentation")
+from toolkit.catalog import AUGMENTS
 
 Augment = Callable[..., torch.Tensor]
 

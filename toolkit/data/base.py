@@ -1,8 +1,6 @@
-"""What every dataset entry shares: the `DATASETS` registry its builder registers in, the
-`Splits` it returns, and the in-memory image datasets that hand out whole batches at once.
-
-The registry lives here, not in toolkit/data/__init__.py, so that an entry module imports only
-this one and `toolkit.data` (which imports every entry to register it) is not imported back.
+"""What every dataset entry shares: the `Splits` it returns, and the in-memory image datasets
+that hand out whole batches at once. (The `DATASETS` registry its builder registers in is in
+toolkit.catalog.)
 """
 
 from __future__ import annotations
@@ -13,9 +11,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from toolkit.registry import Registry
-
-DATASETS = Registry("dataset")  # builders: (root, split_seed, limit, download, **data keys) -> Splits
 
 
 class Normalize:

@@ -19,7 +19,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from toolkit.data.base import DATASETS, Splits, TensorImageDataset
+from toolkit.catalog import DATASETS
+from toolkit.data.base import Splits, TensorImageDataset
 from toolkit.errors import ConfigError
 
 LAYOUT = {

@@ -47,7 +47,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from toolkit.data.base import DATASETS, Normalize, Splits
+from toolkit.catalog import DATASETS
+from toolkit.config import MAX_IMAGE_SIZE
+from toolkit.data.base import Normalize, Splits
 from toolkit.data.device_decode import DeviceDecode, collate_for_device, read_for_device
 from toolkit.data.images import (
     EXTENSIONS,
@@ -63,10 +65,6 @@ from toolkit.data.images import (
 from toolkit.errors import ConfigError
 
 DEFAULT_IMAGE_SIZE = 224
-# The largest image side the toolkit decodes to. Common CNN inputs are 224-600 px, detection-style
-# inputs up to ~2,000; at 4,096 one float32 image is already 201 MB (3 x 4096 x 4096 x 4 bytes),
-# so anything larger is a typo that would only end in an out-of-memory kill.
-MAX_IMAGE_SIZE = 4096
 # A decoded batch may take at most this share of the machine's memory: the batch exists several
 # times over (uint8 in a worker, the pinned copy, float32, the first layers' activations), so a
 # batch past a quarter of RAM does not survive its first forward pass.

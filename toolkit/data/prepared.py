@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from toolkit.data.base import DATASETS, Splits, TensorImageDataset
+from toolkit.catalog import DATASETS
+from toolkit.data.base import Splits, TensorImageDataset
 from toolkit.data.imagefolder import stratified_limit
 from toolkit.errors import ConfigError
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.data.base import DATASETS, Splits, TensorImageDataset
+from toolkit.catalog import DATASETS
+from toolkit.data.base import Splits, TensorImageDataset
 
 SIZES = {"train": 5000, "val": 1000, "test": 1000}
 NUM_CLASSES = 10

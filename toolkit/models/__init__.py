@@ -6,8 +6,7 @@ Every model exposes `classifier` (last layer(s), features -> logits) and
 `pretrained`: see toolkit.models.weights; freezing: toolkit.models.freeze.
 """
 
-from toolkit.models import lenet, resnet_cifar, small_cnns, torchvision_nets  # noqa: F401  (register entries)
-from toolkit.models.base import MODELS
+from toolkit.catalog import MODELS  # an entry's module is imported when the entry is first built
 from toolkit.models.freeze import FREEZE_MODES, apply_freeze, set_train_mode
 from toolkit.models.weights import check_pretrained
 

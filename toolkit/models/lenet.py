@@ -9,7 +9,7 @@ no parameters, so both share state-dict keys and a lenet checkpoint loads into s
 import torch
 from torch import nn
 
-from toolkit.models.base import MODELS
+from toolkit.catalog import MODELS
 from toolkit.models.weights import load_pretrained
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from toolkit.models.base import MODELS
+from toolkit.catalog import MODELS
 from toolkit.models.weights import load_pretrained
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.models.base import MODELS
-from toolkit.models.weights import HEADS, load_into, read_spec
+from toolkit.catalog import MODELS
+from toolkit.catalog import HEADS
+from toolkit.models.weights import load_into, read_spec
 
 
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from toolkit.catalog import HEADS
 from toolkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,6 @@ _ENUM_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9_]*\.)?[A-Z][A-Z0-9_]*$")
 _STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-# The torchvision backbones with a model entry (toolkit.models.torchvision_nets registers one per
-# key): arch -> dotted path of its final nn.Linear inside the torchvision model. Here because
-# both sides need it: the entries to swap the head, `check_pretrained` to know which names take
-# torchvision weights enums.
-HEADS: dict[str, str] = {
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "resnet50": "fc",
-    "vgg16": "classifier.6",
-    "vgg16_bn": "classifier.6",
-    "mobilenet_v3_small": "classifier.3",
-}
 
 
 def _one_line(text: str) -> str:
