@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -518,3 +519,21 @@ def test_faults_kill_parsing(clean_env):
     f.after_step(12, 1)  # other rank: not killed
     clean_env.setenv("TOOLKIT_FAULT_KILL_AT_STEP", "5")
     assert Faults.from_env().kill == (5, None)
+
+
+def test_leave_joins_threads_runs_atexit_handlers_and_exits_with_the_code(tmp_path):
+    """toolkit.errors.leave: what Python's exit does (threads joined, atexit handlers and
+    weakref finalizers run, output flushed), then the status; only the module teardown is skipped."""
+    code = textwrap.dedent("""
+        import atexit, sys, tempfile, threading, time, weakref
+        from toolkit.errors import leave
+        atexit.register(lambda: print("atexit handler ran"))
+        scratch = tempfile.TemporaryDirectory(dir=sys.argv[1])   # removed by its finalizer at exit
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+        sys.stdout.write("unflushed line")
+        leave(7)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "unflushed linethread finished\natexit handler ran\n", proc.stdout
+    assert list(tmp_path.iterdir()) == [], "the temporary directory's finalizer did not run"

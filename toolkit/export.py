@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -249,4 +248,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from toolkit.errors import leave  # sys.exit, minus the teardown of every module
+
+    leave(main())

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -553,4 +552,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from toolkit.errors import leave  # sys.exit, minus the teardown of every module
+
+    leave(main())

@@ -755,4 +755,6 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from toolkit.errors import leave  # sys.exit, minus the teardown of every module
+
+    leave(main())

@@ -613,4 +613,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from toolkit.errors import leave  # sys.exit, minus the teardown of every module
+
+    leave(main())

@@ -79,12 +79,15 @@ def _exit(code: int) -> None:
     """Exit. A rank of a multi-process run leaves without Python's finalization: its work is
     written and its process group destroyed by then, and gloo's threads could still abort the
     interpreter's teardown (SIGABRT, "terminate called without an active exception"), turning a
-    finished run into a failed launch. One process exits normally."""
+    finished run into a failed launch. One process leaves through toolkit.errors.leave (threads
+    joined and atexit handlers run, but no module teardown)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)
+    from toolkit.errors import leave
+
+    leave(code)
 
 
 def cli() -> None:
