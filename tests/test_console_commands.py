@@ -66,14 +66,13 @@ def test_the_installed_entry_points_are_pyproject_s_and_load():
         assert callable(ep.load()), ep
 
 
-def test_train_cli_exits_with_main_s_code(monkeypatch):
-    from toolkit import train
-
-    monkeypatch.setattr(train, "main", lambda: 7)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(SystemExit) as e:
-        train.cli()
-    assert e.value.code == 7
+def test_train_cli_exits_with_main_s_code(tmp_path):
+    """In a new interpreter: cli() ends the process (toolkit.errors.leave) with main()'s code."""
+    code = "from toolkit import train\ntrain.main = lambda: 7\ntrain.cli()\nprint('not reached')"
+    env = {k: v for k, v in child_env().items() if k != "WORLD_SIZE"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout) == (7, ""), proc.stderr
 
 
 def test_the_package_holds_the_configs_and_the_checkout_links_to_them():
