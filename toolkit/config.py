@@ -182,6 +182,10 @@ class DataConfig:
     sampler: Sampler = Sampler.random  # random | pk (P classes x K images per batch, for triplet losses)
     pk_k: int = 4  # pk: images per class in a batch; P = batch_size / pk_k
     label_noise: float = 0.0  # share of training labels replaced by a different class (seeded)
+    holdout_folds: int = 0  # > 0: cut the training split into this many folds (stratified by the given labels,
+    holdout_fold: int = 0  # seeded by split_seed, after label noise) and train without fold `holdout_fold`
+    exclude: Optional[str] = None  # a label_issues.csv (toolkit.clean): train without the samples it lists
+    exclude_top: Optional[int] = None  # with exclude: only its first N rows (the most likely wrong labels)
     mixup_alpha: float = 0.0  # > 0: mixup with lam ~ Beta(a, a) (labels become soft)
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both set, each batch picks one at random
 
@@ -304,8 +308,8 @@ class Config:
 
 
 # What a sweep may vary. Everything else (paths, precision, logging) is a run flag.
-TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.sampler", "data.pk_k",
-           "data.mixup_alpha", "data.cutmix_alpha", "model.", "optim.", "sched.", "loss.", "train.epochs",
+TUNABLE = ("data.batch_size", "data.augment", "data.label_noise", "data.holdout_fold", "data.sampler",
+           "data.pk_k", "data.mixup_alpha", "data.cutmix_alpha", "model.", "optim.", "sched.", "loss.", "train.epochs",
            "train.grad_accum_steps", "train.clip_grad_norm")
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -646,6 +650,12 @@ def validate(cfg: Config) -> None:
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
     _need(0 <= d.label_noise <= 1, "data.label_noise", f"must be in [0, 1], got {d.label_noise}")
+    _need(d.holdout_folds == 0 or d.holdout_folds >= 2, "data.holdout_folds",
+          f"must be 0 (off) or >= 2 folds, got {d.holdout_folds}")
+    _need(d.holdout_fold == 0 or 0 <= d.holdout_fold < d.holdout_folds, "data.holdout_fold",
+          f"must be in [0, data.holdout_folds={d.holdout_folds}), got {d.holdout_fold}")
+    _need(d.exclude_top is None or (d.exclude_top >= 1 and d.exclude is not None), "data.exclude_top",
+          f"must be >= 1 and needs data.exclude (a label_issues.csv), got {d.exclude_top}")
     _need(d.image_size is None or 8 <= d.image_size <= MAX_IMAGE_SIZE, "data.image_size",
           f"must be in [8, {MAX_IMAGE_SIZE}] or null, got {d.image_size}")
     _need(len(d.train_splits) >= 1 and all(d.train_splits), "data.train_splits",

@@ -35,6 +35,16 @@ MODEL_BEST = "model_best.safetensors"  # the best epoch's, by train.monitor
 SUMMARY = "summary.json"
 DATA = "data.json"
 LABEL_NOISE = "label_noise.json"
+EXCLUDED = "excluded.json"  # data.exclude: the training indices left out, and the CSV's sha256
+HOLDOUT_PROBS = "holdout_probs.safetensors"  # data.holdout_folds: the held-out fold's index, labels, probs
+# toolkit.clean's directory CLEAN: its settings, the folds' space, each fold's run, and the results
+CLEAN_JOB = "clean.json"
+CLEAN_SPACE = "folds.yaml"
+CLEAN_RUNS = "runs"  # CLEAN/runs/fold_K: ordinary runs (toolkit.tune puts a sweep's runs there too)
+CLEAN_FOLD = "fold_{fold}"
+OOF_PROBS = "oof_probs.safetensors"  # every training sample's out-of-fold probabilities
+LABEL_ISSUES = "label_issues.csv"
+LABEL_ISSUES_GRID = "label_issues.png"
 EMBEDDINGS = "embeddings.safetensors"
 CONFUSION = "confusion_{split}.csv"
 FEATURES = "features"
@@ -46,8 +56,8 @@ LOCK = ".lock"
 PREEMPT = ".preempt"  # a stop request (slurm/train.sh writes it on SIGUSR1/SIGTERM)
 # What a run has written before its first checkpoint (or a sweep or SLURM job put there for it):
 # a directory holding only these may start afresh with train.resume=auto.
-BEFORE_FIRST_CHECKPOINT = (CONFIG, LABEL_NOISE, METRICS, TENSORBOARD, MLRUNS, WANDB, CHECKPOINTS, LOCK, TRIAL,
-                           PREEMPT)
+BEFORE_FIRST_CHECKPOINT = (CONFIG, LABEL_NOISE, EXCLUDED, METRICS, TENSORBOARD, MLRUNS, WANDB, CHECKPOINTS, LOCK,
+                           TRIAL, PREEMPT)
 
 
 @dataclass(frozen=True)

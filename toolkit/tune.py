@@ -192,9 +192,19 @@ class Sweep:
     grace_period: int
     perturbation_interval: int
     seed: int
+    # A trial's run directory name: the trial id, or this template over its values
+    # ("fold_{data.holdout_fold}": toolkit.clean's fold runs, named alike in both of its modes).
+    run_name: Optional[str] = None
 
     def base_config(self) -> Config:
         return load_config(self.config, self.overrides)
+
+
+def trial_run_name(sweep: Sweep, flat: Dict[str, Any], trial_id: str) -> str:
+    name = sweep.run_name or trial_id
+    for key, value in expand(flat).items():
+        name = name.replace("{" + key + "}", str(value))
+    return name
 
 
 def trial_config(sweep: Sweep, flat: Dict[str, Any], run_dir: Path, resume: str) -> Config:
@@ -226,7 +236,7 @@ def run_trial(flat: Dict[str, Any], sweep_json: str) -> None:
     from ray import tune
 
     sweep = Sweep(**json.loads(sweep_json))
-    run_dir = Path(sweep.dir) / "runs" / tune.get_context().get_trial_id()
+    run_dir = Path(sweep.dir) / "runs" / trial_run_name(sweep, flat, tune.get_context().get_trial_id())
     donor = tune.get_checkpoint()  # PBT: another trial's state; otherwise this trial's own
     # Without a Tune checkpoint the trial continues from its own run directory (a retry or a
     # resumed sweep), so a checkpoint is never copied unless PBT needs one.
@@ -587,25 +597,25 @@ def _metrics_reported(cfg: Config) -> List[str]:
     return [*EPOCH_METRICS, *(TEST_METRICS if cfg.log.test_every_epoch else ())]
 
 
-def _absolute(path: Optional[str]) -> Optional[str]:
+def absolute_path(path: Optional[str]) -> Optional[str]:
     return str(Path(path).absolute()) if path else path
 
 
-def _absolute_overrides(overrides: List[str]) -> List[str]:
+def absolute_overrides(overrides: List[str]) -> List[str]:
     """Paths given relative to the caller's directory, made absolute: trials run elsewhere."""
     out = []
     for o in overrides:
         key, _, value = o.partition("=")
-        if key in ("data.root", "model.pretrained") and value and value not in ("null", "None") and (
+        if key in ("data.root", "model.pretrained", "data.exclude") and value and value not in ("null", "None") and (
                 os.sep in value or Path(value).exists()):
-            value = _absolute(value)
+            value = absolute_path(value)
         out.append(f"{key}={value}")
     return out
 
 
 def make_sweep(args: argparse.Namespace) -> Sweep:
     """Everything checked before Ray starts: config, space, metric, scheduler, resources."""
-    overrides = _absolute_overrides(list(args.overrides))
+    overrides = absolute_overrides(list(args.overrides))
     for o in overrides:
         if o.partition("=")[0].split(".")[0] == "run" or o.startswith("train.resume="):
             raise ConfigError(f"override {o!r}: each trial sets run.* and train.resume itself")
@@ -613,7 +623,7 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     cfg = load_config(config, overrides)
     if args.space is None:
         raise ConfigError(f"--space is required; choose one of: {', '.join(list_spaces())}")
-    space_path = _absolute(find_config(args.space, "spaces", "--space"))  # trials and --resume read it by path
+    space_path = absolute_path(find_config(args.space, "spaces", "--space"))  # trials and --resume read it by path
     space = load_space(space_path)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
@@ -658,7 +668,7 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(f"--name: {sweep_dir} already holds a sweep; finish it with --resume --name {name} "
                           "or choose another --name")
-    return Sweep(name=name, dir=str(sweep_dir), config=_absolute(config), overrides=overrides,
+    return Sweep(name=name, dir=str(sweep_dir), config=absolute_path(config), overrides=overrides,
                  space=space_path, num_samples=args.num_samples, scheduler=args.scheduler,
                  metric=args.metric, mode=mode, max_concurrent=args.max_concurrent,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -763,7 +773,7 @@ def run_sweep(sweep: Sweep, resume: bool, address: Optional[str], num_cpus: Opti
                     num_samples=(sweep.num_samples or 1) if mode_ == "grid" else (sweep.num_samples or 8),
                     # the generator takes the limit itself (TuneConfig's is not applied to it)
                     search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent or 0),
-                    trial_dirname_creator=lambda t: t.trial_id),
+                    trial_dirname_creator=lambda t: trial_run_name(sweep, t.config, t.trial_id)),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(sweep_dir), verbose=1,
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
@@ -963,7 +973,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(argv)
     try:
         if args.print_space_keys:
-            print("\n".join(hparams(load_config(args.config, _absolute_overrides(args.overrides)))))
+            print("\n".join(hparams(load_config(args.config, absolute_overrides(args.overrides)))))
             return 0
         sweep = load_sweep(args) if args.resume else make_sweep(args)
         if args.check_only:

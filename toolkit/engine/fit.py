@@ -38,6 +38,7 @@ from toolkit.data.noise import flip_labels
 from toolkit.ema import ModelEma
 from toolkit.engine.best import BestEpoch, copy_weights
 from toolkit.engine.evaluate import evaluate, plot_sample
+from toolkit.engine.holdout import select_training
 from toolkit.engine.loop import train_epoch
 from toolkit.engine.resume import EMA_FILE, apply_optim_hparams, find_resume, load_ema, load_resume, recorded_speed
 from toolkit.engine.stage import StageRun, check_batch_sizes, choose_loader
@@ -83,7 +84,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
         stack.callback(release_process_group)
     t = cfg.train
     seed_everything(cfg.run.seed, t.deterministic, t.compile)
-    splits, num_classes, noise_record = load_data(cfg.data, cfg.model.num_classes, accelerator)
+    splits, num_classes, noise_record, selection = load_data(cfg.data, cfg.model.num_classes, accelerator)
     loader_kind = choose_loader(cfg.data.loader, splits.train, accelerator)
     stages = resolve_stages(cfg)
     check_distributed_support(accelerator, stages, t.ema_decay)
@@ -107,6 +108,7 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
     tracker.write_text(rundir.CONFIG, config_yaml)
     if noise_record is not None:
         tracker.write_text(rundir.LABEL_NOISE, json.dumps(noise_record) + "\n")  # one line: it lists every change
+    selection.write_records(tracker)  # RUN/excluded.json (data.exclude)
 
     resume_path = find_resume(accelerator, t.resume, run.checkpoints, tracker)
     state = TrainState.load(resume_path) if resume_path else TrainState()
@@ -166,10 +168,13 @@ def _fit(cfg: Config, on_epoch_end: Optional[OnEpochEnd], optim_from_config: boo
             saver.stop_if_requested(state, saved)
     preempt.close()  # the run is past its last checkpoint: Ctrl-C during the test stops at once
     tracker.close()
+    selection.write_holdout_probs(tracker, stage_run.eval_model, accelerator, cfg.data.eval_batch_size,  # the final
+                                  cfg.data.num_workers, t.channels_last, t.tta)  # model's, on its held-out fold
     summary = finish(cfg, stage_run, splits, accelerator, tracker, run, state, num_classes, t_start=t_start,
                      resumed_from=resume_path, num_params=sum(p.numel() for p in raw_model.parameters()),
                      warnings=warnings, best_weights=saver.best_weights,
-                     speed={**summary_fields("precision", precision), **summary_fields("channels_last", channels_last)})
+                     speed={**summary_fields("precision", precision), **summary_fields("channels_last", channels_last),
+                            **selection.summary_fields()})
     accelerator.wait_for_everyone()  # rank 0 has written the plots: every rank tears down together
     accelerator.end_training()
     return summary
@@ -234,7 +239,8 @@ def seed_everything(seed: int, deterministic: bool, compiled: bool) -> None:
 
 
 def load_data(d: DataConfig, model_classes: Optional[int], accelerator: Accelerator):
-    """(splits, number of classes the model predicts, the label-noise record or None)."""
+    """(splits, number of classes the model predicts, the label-noise record or None, the
+    Selection: the held-out fold and excluded samples, already dropped from splits.train)."""
     with accelerator.main_process_first():  # one rank downloads/extracts; the others then read
         splits = DATASETS.build(d.name, root=d.root, split_seed=d.split_seed, limit=d.limit,
                                 download=d.download, image_size=d.image_size,
@@ -251,7 +257,7 @@ def load_data(d: DataConfig, model_classes: Optional[int], accelerator: Accelera
         raise ConfigError(f"config: model.num_classes: {num_classes} is fewer than the dataset's "
                           f"{splits.num_classes} classes")
     if d.label_noise <= 0:
-        return splits, num_classes, None
+        return splits, num_classes, None, select_training(splits, d)
     labels = getattr(splits.train, "labels", None)
     if not isinstance(labels, torch.Tensor):
         raise ConfigError(f"config: data.label_noise: dataset {d.name!r} does not expose its labels")
@@ -260,7 +266,7 @@ def load_data(d: DataConfig, model_classes: Optional[int], accelerator: Accelera
               "num_train": len(labels), "index": changed.tolist(),
               "original": labels[changed].tolist(), "noisy": noisy[changed].tolist()}
     splits.train.labels = noisy
-    return splits, num_classes, record
+    return splits, num_classes, record, select_training(splits, d)
 
 
 def check_distributed_support(accelerator: Accelerator, stages: List[Stage], ema_decay: float) -> None:
