@@ -76,13 +76,16 @@ def launch(args: List[str], config_file: str = "launch/cpu_ddp.yaml", env: Optio
 
 def imported_by(module: str, argv: Sequence[str], names: Sequence[str], cwd: Path, exit_code: int = 0) -> List[bool]:
     """Run `python -m MODULE ARGV` in a new interpreter (never the fork server: it has torch loaded)
-    and say which of NAMES it imported. The command must exit with EXIT_CODE."""
-    code = (f"import runpy, sys\nsys.argv = [{module!r}, *{list(argv)!r}]\n"
-            f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n"
-            f"    assert (e.code or 0) == {exit_code}, e.code\nelse:\n    assert {exit_code} == 0\n"
-            f"print(*[n in sys.modules for n in {list(names)!r}])")
-    proc = ok(subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(), capture_output=True,
-                             text=True, timeout=120))
+    and say which of NAMES it imported. The command must exit with EXIT_CODE. The names are read
+    by an atexit handler: a CLI may end the process itself (toolkit.errors.leave), which still
+    runs the atexit handlers."""
+    code = (f"import atexit, runpy, sys\n"
+            f"atexit.register(lambda: print(*[n in sys.modules for n in {list(names)!r}], flush=True))\n"
+            f"sys.argv = [{module!r}, *{list(argv)!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == exit_code, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
     return [word == "True" for word in proc.stdout.strip().splitlines()[-1].split()]
 
 
