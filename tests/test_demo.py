@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -282,3 +283,29 @@ def test_the_page_listens_on_loopback_only_and_ctrl_c_stops_it_cleanly(server):
     assert proc.wait(timeout=60) == 130
     err = (server["logs"] / "stderr").read_text()
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "demo: stopped", err[-3000:]
+
+
+def test_ctrl_c_does_not_wait_forever_on_a_server_thread_that_hangs(tmp_path):
+    """serve() with a page whose close() never returns (Gradio's file threads held by a browser
+    tab, seen under load): Ctrl-C still ends with 130 and says what it left, within CLOSE_WAIT_S."""
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        from toolkit import demo
+        demo.CLOSE_WAIT_S = 1.0
+
+        class Page:
+            def launch(self, **kw):
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+                return None, "http://127.0.0.1:1/", None
+            def close(self):
+                threading.Event().wait()   # never returns
+
+        code, stopped = demo.serve(Page(), "127.0.0.1", 1)
+        print(code, stopped, flush=True)
+    """)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "130 False"
+    assert "did not end within 1 s and are left behind" in proc.stderr
+    assert time.monotonic() - start < 30

@@ -42,6 +42,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads before they reach the toolk
 THUMB_PX = 160  # gallery thumbnails: larger images are shrunk to this side, smaller ones enlarged
 SEARCH_CHUNK = 65536  # gallery rows per matrix product in the exact search (memory: 1 x chunk scores)
 CURVES = "curves.png"  # written by training (log.plots) and `python -m toolkit.report RUN`
+CLOSE_WAIT_S = 10.0  # after Ctrl-C/SIGTERM, how long the server's threads get to end before they are left
 IDLE = "Drop an image here (or pick an example) to classify it."
 # Small images (digits: 32 px) fill the input box with their pixels sharp, rather than sit in its middle.
 # Neighbours' captions wrap rather than end in "..." (similarity, class and path are all wanted).
@@ -412,8 +414,9 @@ class _Terminated(Exception):
     """SIGTERM while serving."""
 
 
-def serve(page, host: str, port: Optional[int]) -> int:
-    """Start the server, print its URL, wait for Ctrl-C or SIGTERM, stop it -> 130 or 143."""
+def serve(page, host: str, port: Optional[int]) -> Tuple[int, bool]:
+    """Start the server, print its URL, wait for Ctrl-C or SIGTERM, stop it -> (130 or 143,
+    whether the server's threads ended within CLOSE_WAIT_S)."""
     try:
         _app, url, _share = page.launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
@@ -439,9 +442,15 @@ def serve(page, host: str, port: Optional[int]) -> int:
         code = 143
     finally:
         signal.signal(signal.SIGTERM, old)
-        page.close()
-    print("demo: stopped", file=sys.stderr, flush=True)
-    return code
+        # Gradio's close waits on its file-serving threads, which a browser tab still loading
+        # from the page can hold (seen under load): Ctrl-C must not hang on them.
+        closer = threading.Thread(target=page.close, name="demo-close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_WAIT_S)
+    stopped = not closer.is_alive()
+    print("demo: stopped" if stopped else f"demo: stopped (the server's threads did not end within "
+          f"{CLOSE_WAIT_S:.0f} s and are left behind)", file=sys.stderr, flush=True)
+    return code, stopped
 
 
 # ------------------------------------------------------------------------------------------
@@ -501,9 +510,14 @@ def cli(args: argparse.Namespace) -> int:
         demo = Demo(classifier, gallery, args.neighbours)
         page = build_page(demo, run_facts(classifier, read_summary(classifier.run.path), gallery),
                           load_curves(classifier.run.path), examples)
-        return serve(page, args.host, args.port)
+        code, stopped = serve(page, args.host, args.port)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not stopped:  # the threads that did not end would hold up the interpreter's exit as well
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
