@@ -431,6 +431,9 @@ def serve(page, host: str, port: Optional[int]) -> Tuple[int, bool]:
         raise _Terminated
 
     old = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C stops the page even where the process started with SIGINT ignored (a background
+    # job of a non-interactive shell), in which case Python installs no KeyboardInterrupt of its own.
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"demo: serving on {url} (Ctrl-C stops it)", flush=True)
     code = 0
     try:
@@ -442,8 +445,9 @@ def serve(page, host: str, port: Optional[int]) -> Tuple[int, bool]:
         code = 143
     finally:
         signal.signal(signal.SIGTERM, old)
-        # Gradio's close waits on its file-serving threads, which a browser tab still loading
-        # from the page can hold (seen under load): Ctrl-C must not hang on them.
+        signal.signal(signal.SIGINT, old_int)
+        # Gradio's close joins its server and file-serving threads; should one of them not end,
+        # Ctrl-C still returns (a safety net: no such hang has been seen).
         closer = threading.Thread(target=page.close, name="demo-close", daemon=True)
         closer.start()
         closer.join(CLOSE_WAIT_S)
